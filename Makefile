@@ -1,0 +1,40 @@
+# gptoss-batch: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets with one line each
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the package with its dev tools
+
+demo: $(STAMP) ## Start the embedded server, run sample_prompts/ through it, print the summary
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff + mypy --strict
+	$(BIN)/ruff check gptoss_batch tests benchmarks scripts
+	$(BIN)/mypy
+
+bench: $(STAMP) ## Run the benchmarks and print their tables
+	$(BIN)/python -m benchmarks
+
+bench-quick: $(STAMP) ## The benchmarks in under a minute
+	$(BIN)/python -m benchmarks --quick
+
+clean: ## Remove the virtualenvs and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: help venv demo test lint bench bench-quick clean

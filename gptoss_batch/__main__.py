@@ -1,0 +1,5 @@
+"""Entry point for ``python -m gptoss_batch``."""
+
+from gptoss_batch.cli import main
+
+main()
