@@ -70,7 +70,7 @@ class ConnectError(TransportError):
     kind = "connect"
 
 
-class TimeoutError_(TransportError):  # noqa: N801 - avoid shadowing the builtin
+class TimeoutError_(TransportError):
     kind = "timeout"
 
 

@@ -1,0 +1,68 @@
+"""Pure request-body building: a row plus the config's defaults becomes (route, JSON bytes).
+
+Row fields win over config defaults. A ``prompt`` row sent to the chat route becomes one user message,
+since instruction-tuned models (GPT-OSS among them) need the chat template to answer well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gptoss_batch.config import RunConfig
+from gptoss_batch.records import Route, Row
+
+
+class BodyBuilder:
+    """Precomputes the defaults once; ``build`` is on the per-row hot path."""
+
+    __slots__ = ("_defaults", "_route", "_stream")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        defaults: dict[str, Any] = {}
+        if cfg.model is not None:
+            defaults["model"] = cfg.model
+        if cfg.max_tokens is not None:
+            defaults["max_tokens"] = cfg.max_tokens
+        if cfg.temperature is not None:
+            defaults["temperature"] = cfg.temperature
+        if cfg.top_p is not None:
+            defaults["top_p"] = cfg.top_p
+        defaults.update(cfg.params)
+        self._defaults = defaults
+        self._route = cfg.route
+        self._stream = cfg.stream
+
+    def route_for(self, row: Row) -> Route:
+        if row.route is not None:
+            return row.route
+        if self._route != "auto":
+            return self._route
+        return "chat"
+
+    def build(self, row: Row, *, include_usage: bool = True) -> tuple[Route, bytes]:
+        route = self.route_for(row)
+        body = {**self._defaults, **row.payload}
+        if route == "chat" and "messages" not in body and isinstance(body.get("prompt"), str):
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        elif route == "completions" and "prompt" not in body and "messages" in body:
+            body["prompt"] = _flatten_messages(body.pop("messages"))
+        if self._stream:
+            body["stream"] = True
+            if include_usage:
+                body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        return route, orjson.dumps(body)
+
+
+def _flatten_messages(messages: Any) -> str:
+    """A messages row on the completions route: the contents joined, for base models."""
+    parts: list[str] = []
+    for m in messages if isinstance(messages, list) else []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+    return "\n\n".join(parts)

@@ -1,0 +1,223 @@
+"""The ``gptoss-batch`` command line: parse flags, build a config, call the library, map errors to exit
+codes. No logic of its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from gptoss_batch.config import ConfigError, build_config, read_config_file
+from gptoss_batch.errors import InputError, LockedError, OutputError, ResumeMismatchError
+from gptoss_batch.inputs import InputOptions
+from gptoss_batch.job import (
+    EXIT_LOCKED,
+    EXIT_OUTPUT,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    JobSpec,
+    output_error_message,
+    run_job,
+)
+
+app = typer.Typer(
+    name="gptoss-batch",
+    help="Run files of prompts through OpenAI-compatible LLM servers (vLLM, llama.cpp, SGLang, TGI, Ollama, "
+         "OpenAI): bounded concurrency, retries, crash-safe resumable JSONL results and a latency summary.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CONN = "Connection"
+REQ = "Request"
+LOAD = "Concurrency and limits"
+OUT = "Output and resume"
+INP = "Input"
+
+
+def err_console() -> Console:
+    return Console(stderr=True)
+
+
+def fail(console: Console, message: str, code: int) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_async(fn: Any, *args: Any) -> Any:
+    import anyio
+
+    try:
+        import uvloop  # noqa: F401
+
+        backend_options = {"use_uvloop": True}
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        backend_options = {}
+    return anyio.run(fn, *args, backend="asyncio", backend_options=backend_options)
+
+
+def load_run_config(config: Path | None, flags: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    file_values = read_config_file(config) if config else {}
+    cfg = build_config(flags, config_file=file_values, config_path=str(config) if config else None)
+    return cfg, file_values
+
+
+@app.command()
+def run(
+    input: Annotated[str, typer.Argument(help="Prompt file: JSONL, OpenAI Batch JSONL or CSV; '-' reads stdin.",
+                                         show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Results JSONL, appended as rows finish. "
+                      "An existing file is resumed (rows already ok are skipped). '-' writes to stdout.",
+                      rich_help_panel=OUT)],
+    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
+                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Model name sent with every request (rows may override).",
+                     rich_help_panel=REQ)] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
+                       rich_help_panel=CONN, show_default=False)] = None,
+    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
+                      "(repeatable).", rich_help_panel=CONN)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with the same keys as these "
+                      "flags (flags win). Examples in configs/.", show_default=False)] = None,
+    route: Annotated[str | None, typer.Option(help="chat or completions. Default: the row's own route (Batch "
+                     "API url), else chat; a prompt row on chat becomes one user message.",
+                     rich_help_panel=REQ)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default max_tokens (rows may override).",
+                          rich_help_panel=REQ)] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default temperature.", rich_help_panel=REQ)] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default top_p.", rich_help_panel=REQ)] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (value parsed "
+                     "as JSON when it can be), e.g. --param seed=7 (repeatable).", rich_help_panel=REQ)] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Stream responses (SSE) to "
+                      "measure TTFT, TPOT and inter-token latency.", rich_help_panel=REQ)] = None,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", "-n", help="Requests in flight at most "
+                           "(default 8), or 'auto' to tune it from latency, 429s and the server's /metrics.",
+                           rich_help_panel=LOAD)] = None,
+    min_concurrency: Annotated[int | None, typer.Option(help="Lower bound for --concurrency auto.",
+                               rich_help_panel=LOAD)] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Upper bound for --concurrency auto (default 256).",
+                               rich_help_panel=LOAD)] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.", rich_help_panel=LOAD)] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most (estimated before, corrected "
+                   "with usage after).", rich_help_panel=LOAD)] = None,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts per row, the first included (default 6; 1 "
+                            "disables retries).", rich_help_panel=LOAD)] = None,
+    backoff_initial: Annotated[float | None, typer.Option(help="First backoff cap in seconds (default 0.5).",
+                               rich_help_panel=LOAD)] = None,
+    backoff_max: Annotated[float | None, typer.Option(help="Largest backoff in seconds (default 30).",
+                           rich_help_panel=LOAD)] = None,
+    max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
+                               "(default 120).", rich_help_panel=LOAD)] = None,
+    unavailable_after: Annotated[float | None, typer.Option(help="End the run when every attempt has failed "
+                                 "with connection errors or 5xx for this many seconds (default 60).",
+                                 rich_help_panel=LOAD)] = None,
+    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
+                               rich_help_panel=CONN)] = None,
+    read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails "
+                            "(default: the request timeout; 60 when streaming).", rich_help_panel=CONN)] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
+                               rich_help_panel=CONN)] = None,
+    deadline: Annotated[float | None, typer.Option(help="Seconds for the whole run; unfinished rows are left "
+                        "for a resumed run.", rich_help_panel=LOAD)] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="Stop early (exit 1) once more than this "
+                              "fraction of finished rows failed, after --min-error-sample rows.",
+                              rich_help_panel=LOAD)] = None,
+    min_error_sample: Annotated[int | None, typer.Option(help="Rows finished before --max-error-rate applies "
+                                "(default 20).", rich_help_panel=LOAD)] = None,
+    slo: Annotated[list[str] | None, typer.Option("--slo", help="Service-level objective name=seconds (ttft, "
+                   "tpot, itl, latency); the summary reports goodput against them (repeatable).",
+                   rich_help_panel=LOAD)] = None,
+    input_format: Annotated[str, typer.Option(help="auto, jsonl, batch (OpenAI Batch API) or csv.",
+                            rich_help_panel=INP)] = "auto",
+    prompt_column: Annotated[str | None, typer.Option(help="CSV column holding the prompt (default 'prompt').",
+                             rich_help_panel=INP)] = None,
+    template: Annotated[str | None, typer.Option(help="CSV prompt template with {column} placeholders.",
+                        rich_help_panel=INP)] = None,
+    id_column: Annotated[str | None, typer.Option(help="CSV column holding each row's id.",
+                         rich_help_panel=INP)] = None,
+    on_invalid: Annotated[str, typer.Option(help="error: an invalid row stops the run before any request "
+                          "(exit 2). skip: record it as an error line and go on.", rich_help_panel=INP)] = "error",
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Start afresh: the existing output is "
+                         "moved aside to <output>.bak-<time>, never deleted.", rich_help_panel=OUT)] = None,
+    retry_failed: Annotated[bool | None, typer.Option("--retry-failed/--no-retry-failed", help="On resume, "
+                            "retry rows whose latest line is an error (default) or keep them.",
+                            rich_help_panel=OUT)] = None,
+    force_resume: Annotated[bool | None, typer.Option("--force-resume", help="Resume even though the input "
+                            "no longer matches the one the output was written from.",
+                            rich_help_panel=OUT)] = None,
+    fsync: Annotated[str | None, typer.Option(help="always, interval (at most once a second and at exit; "
+                     "default) or never.", rich_help_panel=OUT)] = None,
+    drain_timeout: Annotated[float | None, typer.Option(help="On SIGINT/SIGTERM, seconds to let in-flight "
+                             "requests finish (default 30).", rich_help_panel=OUT)] = None,
+    summary: Annotated[str | None, typer.Option(help="Where to write the summary JSON (default "
+                       "<output>.summary.json).", rich_help_panel=OUT)] = None,
+    progress: Annotated[str | None, typer.Option(help="rich, plain (periodic lines) or none; default rich on "
+                        "a terminal, plain otherwise.", rich_help_panel=OUT)] = None,
+) -> None:
+    """Run every row of INPUT through the server and append one result line per row to --output.
+
+    Exit codes: 0 every row ok; 1 some rows failed or the run stopped early; 2 bad usage, config or input;
+    74 the output could not be written; 75 another run holds the output; 130/143 interrupted by SIGINT/SIGTERM.
+    """
+    console = err_console()
+    flags = {
+        "base_url": base_url, "model": model, "api_key": api_key, "header": header or None, "route": route,
+        "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "param": param or None,
+        "stream": stream, "concurrency": concurrency, "min_concurrency": min_concurrency,
+        "max_concurrency": max_concurrency, "rpm": rpm, "tpm": tpm, "max_attempts": max_attempts,
+        "backoff_initial": backoff_initial, "backoff_max": backoff_max, "max_retry_after": max_retry_after,
+        "unavailable_after": unavailable_after, "connect_timeout": connect_timeout, "read_timeout": read_timeout,
+        "request_timeout": request_timeout, "deadline": deadline, "max_error_rate": max_error_rate,
+        "min_error_sample": min_error_sample, "slo": slo or None, "overwrite": overwrite,
+        "retry_failed": retry_failed, "force_resume": force_resume, "fsync": fsync,
+        "drain_timeout": drain_timeout, "progress": progress,
+    }
+    try:
+        cfg, file_values = load_run_config(config, flags)
+        if input_format not in {"auto", "jsonl", "batch", "csv"}:
+            raise ConfigError(f"--input-format {input_format!r}: must be auto, jsonl, batch or csv")
+        if on_invalid not in {"error", "skip"}:
+            raise ConfigError(f"--on-invalid {on_invalid!r}: must be error or skip")
+        options = InputOptions(
+            format=file_values.get("input_format", input_format) if input_format == "auto" else input_format,  # type: ignore[arg-type]
+            prompt_column=prompt_column or file_values.get("prompt_column"),
+            template=template or file_values.get("template"),
+            id_column=id_column or file_values.get("id_column"),
+            on_invalid=on_invalid if on_invalid != "error" else file_values.get("on_invalid", "error"),  # type: ignore[arg-type]
+        )
+        spec = JobSpec(input, output, options, summary)
+        if hasattr(signal, "SIGXFSZ"):
+            # Past a file-size limit, get EFBIG from write() (handled) instead of being killed.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        result = run_async(run_job, cfg, spec, console)
+    except (ConfigError, InputError, ResumeMismatchError) as exc:
+        fail(console, str(exc), EXIT_USAGE)
+    except LockedError as exc:
+        fail(console, str(exc), EXIT_LOCKED)
+    except OutputError as exc:
+        fail(console, output_error_message(exc), EXIT_OUTPUT)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGINT) from None
+    if result.outcome is not None and result.outcome.output_error is not None:
+        console.print(f"[bold red]error:[/] {output_error_message(result.outcome.output_error)}", highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+def _register_sim() -> None:
+    from gptoss_batch.sim.cli import register
+
+    register(app)
+
+
+_register_sim()
+
+
+def main() -> None:
+    # Results may go to stdout ('-o -'); a closed pipe downstream is not an error worth a traceback.
+    os.environ.setdefault("PYTHONIOENCODING", "utf-8")
+    app()

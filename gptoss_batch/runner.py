@@ -1,0 +1,314 @@
+"""The run loop: rows in, results out, at most N requests in flight.
+
+An anyio task group of workers pulls rows from a zero-buffer stream (so rows are read only as fast as
+workers free up: backpressure), each attempt holding the shared ``CapacityLimiter`` that later
+controllers resize. The runner owns the interfaces it needs (``Transport``, ``Sink``) and knows nothing
+of aiohttp, files or terminals.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from gptoss_batch.body import BodyBuilder
+from gptoss_batch.config import RunConfig
+from gptoss_batch.errors import InputError, OutputError, TransportError
+from gptoss_batch.limits import CoolDown, TokenBucket
+from gptoss_batch.records import Attempt, Completion, ErrorInfo, Result, Route, Row
+from gptoss_batch.retry import is_retryable, is_unavailability, retry_wait_s
+from gptoss_batch.stats import stream_timings
+
+
+class Transport(Protocol):
+    async def send(self, route: Route, body: bytes, *, stream: bool) -> Completion: ...
+
+
+class Sink(Protocol):
+    def write(self, result: Result) -> None:
+        """Persist one result line; raise OutputError when that is impossible."""
+
+
+@dataclass
+class RunState:
+    """Live counters, read by progress displays on their own timer (never per row)."""
+
+    total: int | None = None
+    skipped: int = 0
+    started: int = 0
+    in_flight: int = 0
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    retries: int = 0
+    limit: int = 0
+    limit_reason: str = ""
+    stop_reason: str | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class RunOutcome:
+    state: RunState
+    wall_s: float
+    stop_reason: str | None = None
+    interrupted: bool = False
+    input_error: InputError | None = None
+    output_error: OutputError | None = None
+    unavailable: bool = False
+
+
+class Runner:
+    """One batch run. ``run(rows)`` returns when every row has a result or the run was stopped."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        transport: Transport,
+        sink: Sink,
+        *,
+        on_result: Callable[[Result], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        run_number: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.sink = sink
+        self.on_result = on_result
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.rand = rand
+        self.sleep = sleep
+        self.run_number = run_number
+        self.builder = BodyBuilder(cfg)
+        self.limiter = anyio.CapacityLimiter(cfg.concurrency)
+        self.cooldown = CoolDown(clock=clock, sleep=sleep)
+        self.rpm = TokenBucket(cfg.rpm, clock=clock) if cfg.rpm else None
+        self.tpm = TokenBucket(cfg.tpm, clock=clock, burst=cfg.tpm / 6) if cfg.tpm else None
+        self.state = RunState(limit=cfg.concurrency, started_at=clock())
+        self._stop = anyio.Event()
+        self._work_scope = anyio.CancelScope()
+        self._produce_scope = anyio.CancelScope()
+        self._outcome = RunOutcome(self.state, 0.0)
+        self._down_since: float | None = None
+        self._last_ok = self.state.started_at
+        self.on_limit_change: Callable[[int, str], None] | None = None
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def stop(self, reason: str, *, interrupted: bool = False) -> None:
+        """Stop reading rows; in-flight requests finish (bounded by the drain timeout)."""
+        if self.state.stop_reason is None:
+            self.state.stop_reason = reason
+            self._outcome.stop_reason = reason
+        self._outcome.interrupted = self._outcome.interrupted or interrupted
+        self._stop.set()
+
+    def abort(self) -> None:
+        """Cancel in-flight requests at once (second Ctrl-C, drain timeout, deadline)."""
+        self._work_scope.cancel()
+
+    def set_limit(self, limit: int, reason: str) -> None:
+        limit = max(1, min(limit, self.cfg.worker_count))
+        if limit != self.limiter.total_tokens:
+            self.limiter.total_tokens = limit
+            self.state.limit = limit
+            self.state.limit_reason = reason
+            if self.on_limit_change is not None:
+                self.on_limit_change(limit, reason)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    async def run(self, rows: Iterable[Row], *, threaded_reads: bool = False) -> RunOutcome:
+        """Process ``rows``. ``threaded_reads`` reads each row in a worker thread (for stdin/pipes,
+        where a read may block for a long time and must not freeze the event loop)."""
+        t0 = self.clock()
+        send, recv = anyio.create_memory_object_stream[Row](0)
+        async with anyio.create_task_group() as guards:
+            guards.start_soon(self._drain_guard)
+            if self.cfg.deadline_s is not None:
+                guards.start_soon(self._deadline, self.cfg.deadline_s)
+            with self._work_scope:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self.cfg.worker_count):
+                        tg.start_soon(self._worker, recv.clone())
+                    recv.close()
+                    await self._produce(iter(rows), send, threaded_reads)
+            guards.cancel_scope.cancel()  # the work is over: the guards have nothing left to guard
+        self._outcome.wall_s = self.clock() - t0
+        return self._outcome
+
+    async def _produce(self, rows: Iterator[Row], send: anyio.abc.ObjectSendStream[Row], threaded: bool) -> None:
+        async with send:
+            with self._produce_scope:
+                while not self._stop.is_set():
+                    try:
+                        row = await anyio.to_thread.run_sync(next, rows, None) if threaded else next(rows, None)
+                    except InputError as exc:
+                        self._outcome.input_error = exc
+                        self.stop(f"input error: {exc}")
+                        break
+                    if row is None:
+                        break
+                    await send.send(row)
+                    self.state.started += 1
+
+    async def _drain_guard(self) -> None:
+        """Once a stop is requested, stop feeding rows; past the drain timeout, cancel what is left."""
+        await self._stop.wait()
+        self._produce_scope.cancel()
+        await self.sleep(self.cfg.drain_timeout_s)
+        self.abort()
+
+    async def _deadline(self, seconds: float) -> None:
+        await self.sleep(seconds)
+        self.stop(f"deadline of {seconds:g}s reached")
+        self.abort()
+
+    async def _worker(self, recv: ObjectReceiveStream[Row]) -> None:
+        async with recv:
+            async for row in recv:
+                result = await self._process(row)
+                if result is not None:
+                    self._finish(result)
+
+    def _finish(self, result: Result) -> None:
+        try:
+            self.sink.write(result)
+        except OutputError as exc:
+            self._outcome.output_error = exc
+            self.stop(f"output error: {exc}")
+            self.abort()
+            return
+        st = self.state
+        st.done += 1
+        if result.status == "ok":
+            st.ok += 1
+            st.output_tokens += result.output_tokens
+        else:
+            st.failed += 1
+        if self.on_result is not None:
+            self.on_result(result)
+        rate = self.cfg.max_error_rate
+        if (rate is not None and st.done >= self.cfg.min_error_sample and st.failed / st.done > rate
+                and not self.stopping):
+            self.stop(f"error rate {st.failed / st.done:.1%} is above --max-error-rate {rate:.1%} "
+                      f"after {st.done} rows")
+
+    # -- one row ---------------------------------------------------------------------------------
+
+    async def _gate(self, tokens_estimate: float) -> None:
+        """Everything an attempt must wait for before it is sent: cool-down, then rate buckets."""
+        await self.cooldown.wait()
+        if self.rpm is not None:
+            wait = self.rpm.take(1)
+            if wait > 0:
+                await self.sleep(wait)
+        if self.tpm is not None:
+            wait = self.tpm.take(tokens_estimate)
+            if wait > 0:
+                await self.sleep(wait)
+
+    def _error_result(self, row: Row, kind: str, message: str, *, status: int | None = None,
+                      attempts: int = 0, latency_s: float = 0.0, log: tuple[Attempt, ...] = ()) -> Result:
+        return Result(id=row.id, index=row.index, status="error", latency_s=latency_s, attempts=attempts,
+                      error=ErrorInfo(kind, message, status), attempt_log=log, run=self.run_number,
+                      concurrency=self.state.limit)
+
+    async def _process(self, row: Row) -> Result | None:
+        if row.invalid is not None:
+            return self._error_result(row, "invalid_input", row.invalid)
+        route, body = self.builder.build(row)
+        policy = self.cfg.retry
+        log: list[Attempt] = []
+        estimate = _estimate_tokens(body, row, self.cfg.max_tokens)
+        for attempt in range(1, policy.max_attempts + 1):
+            if attempt > 1 and self.stopping:
+                return None  # not written: a resumed run retries the row
+            await self._gate(estimate)
+            async with self.limiter:
+                self.state.in_flight += 1
+                t0 = self.clock()
+                try:
+                    completion = await self.transport.send(route, body, stream=self.cfg.stream)
+                    error: TransportError | None = None
+                except TransportError as exc:
+                    completion, error = None, exc
+                finally:
+                    self.state.in_flight -= 1
+                t1 = self.clock()
+            if completion is not None:
+                self._on_success(t1, completion, estimate)
+                return self._ok_result(row, completion, t0, t1, attempt, tuple(log))
+            assert error is not None
+            retryable = is_retryable(error)
+            self._on_failure(error, t1)
+            if not retryable or attempt == policy.max_attempts or self.stopping:
+                return self._error_result(row, error.kind, error.message, status=error.status,
+                                          attempts=attempt, latency_s=t1 - t0, log=tuple(log))
+            wait, hint = retry_wait_s(error, attempt, policy, rand=self.rand, now=self.wall_clock())
+            if error.status == 429 or (hint is not None and error.status == 503):
+                # The server asked everyone to slow down: pause all workers, not just this one.
+                self.cooldown.trip(hint if hint is not None else wait)
+            log.append(Attempt(error.kind, error.status, wait, error.message))
+            self.state.retries += 1
+            await self.sleep(wait)
+        return None  # unreachable: the loop returns on the last attempt
+
+    def _on_success(self, now: float, completion: Completion, estimate: float) -> None:
+        self._last_ok = now
+        self._down_since = None
+        if self.tpm is not None and completion.usage is not None:
+            # Correct the estimate with what the server actually counted.
+            self.tpm.take(completion.usage.total_tokens - estimate)
+
+    def _on_failure(self, error: TransportError, now: float) -> None:
+        if not is_unavailability(error):
+            self._down_since = None
+            return
+        if self._down_since is None:
+            self._down_since = now
+        window = self.cfg.retry.unavailable_after_s
+        if now - self._down_since >= window and now - self._last_ok >= window and not self.stopping:
+            since = time.strftime("%H:%M:%S", time.localtime(self.wall_clock() - (now - self._down_since)))
+            self._outcome.unavailable = True
+            self.stop(f"server unreachable: every attempt since {since} ({now - self._down_since:.0f}s) "
+                      f"failed ({error.message})")
+
+    def _ok_result(self, row: Row, c: Completion, t0: float, t1: float, attempts: int,
+                   log: tuple[Attempt, ...]) -> Result:
+        timing: dict[str, object] = {}
+        if c.started_at is not None and c.chunk_times:
+            timing = stream_timings(c.started_at, c.chunk_times, t1,
+                                    c.usage.completion_tokens if c.usage else None)
+        return Result(
+            id=row.id, index=row.index, status="ok", text=c.text, finish_reason=c.finish_reason,
+            usage=c.usage, model=c.model, latency_s=t1 - t0, attempts=attempts,
+            ttft_s=timing.get("ttft_s"),  # type: ignore[arg-type]
+            tpot_s=timing.get("tpot_s"),  # type: ignore[arg-type]
+            itl_s=timing.get("itl_s"),  # type: ignore[arg-type]
+            output_tokens_source=timing.get("output_tokens_source"),  # type: ignore[arg-type]
+            concurrency=self.state.limit, attempt_log=log, run=self.run_number, reasoning=c.reasoning,
+        )
+
+
+def _estimate_tokens(body: bytes, row: Row, default_max_tokens: int | None) -> float:
+    """Prompt tokens by the 4-bytes-per-token rule of thumb, plus the requested output budget."""
+    max_tokens = row.payload.get("max_tokens", default_max_tokens)
+    out = max_tokens if isinstance(max_tokens, int) else 256
+    return math.ceil(len(body) / 4) + out
