@@ -11,8 +11,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from gptoss_batch.config import ConfigError, build_config, read_config_file
-from gptoss_batch.errors import InputError, LockedError, OutputError, ResumeMismatchError
+from gptoss_batch.config import build_config, read_config_file
+from gptoss_batch.errors import ConfigError, InputError, LockedError, OutputError, ResumeMismatchError
 from gptoss_batch.inputs import InputOptions
 from gptoss_batch.job import (
     EXIT_LOCKED,

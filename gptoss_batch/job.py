@@ -22,7 +22,7 @@ from gptoss_batch.errors import OutputError
 from gptoss_batch.inputs import InputOptions, InputSource, open_input
 from gptoss_batch.records import Row
 from gptoss_batch.report import PROGRESS_REFRESH_S, make_display, print_summary
-from gptoss_batch.runner import RunOutcome, Runner
+from gptoss_batch.runner import Runner, RunOutcome
 from gptoss_batch.sink import (
     JsonlSink,
     OutputLock,
