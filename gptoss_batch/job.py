@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from gptoss_batch.errors import OutputError
 from gptoss_batch.inputs import InputOptions, InputSource, open_input
 from gptoss_batch.records import Row
 from gptoss_batch.report import PROGRESS_REFRESH_S, make_display, print_summary
-from gptoss_batch.runner import Runner, RunOutcome
+from gptoss_batch.runner import Runner, RunOutcome, Transport
 from gptoss_batch.sink import (
     JsonlSink,
     OutputLock,
@@ -86,7 +87,16 @@ async def _ticker(display: Any) -> None:
         display.tick()
 
 
-async def run_job(cfg: RunConfig, spec: JobSpec, console: Console) -> JobResult:
+TransportFactory = Callable[[RunConfig], AbstractAsyncContextManager[Transport]]
+
+
+def default_transport(cfg: RunConfig) -> AiohttpTransport:
+    return AiohttpTransport(cfg.base_url, api_key=cfg.api_key, headers=cfg.headers, timeouts=cfg.timeouts,
+                            limit=cfg.worker_count)
+
+
+async def run_job(cfg: RunConfig, spec: JobSpec, console: Console,
+                  transport_factory: TransportFactory = default_transport) -> JobResult:
     """Run a job; raises ConfigError/InputError/OutputError/LockedError/ResumeMismatchError for run-level
     problems (the CLI maps them to exit codes) and returns everything else as a JobResult."""
     source: InputSource = open_input(spec.input_path, spec.input_options)
@@ -122,7 +132,8 @@ async def run_job(cfg: RunConfig, spec: JobSpec, console: Console) -> JobResult:
                          "last_started_at": datetime.now(UTC).isoformat(timespec="seconds")})
             write_json_atomic(f"{spec.output}.meta.json", meta)
         try:
-            result = await _execute(cfg, spec, console, source, total, done_ids, sink, run_number, scan)
+            result = await _execute(cfg, spec, console, source, total, done_ids, sink, run_number, scan,
+                                    transport_factory)
         finally:
             sink.close()
         if not to_stdout:
@@ -136,13 +147,12 @@ async def run_job(cfg: RunConfig, spec: JobSpec, console: Console) -> JobResult:
 
 async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: InputSource, total: int | None,
                    done_ids: set[str], sink: JsonlSink | StreamSink, run_number: int,
-                   scan: ScanResult) -> JobResult:
+                   scan: ScanResult, transport_factory: TransportFactory) -> JobResult:
     builder = SummaryBuilder(slos=dict(cfg.slos), total_rows=total)
     skipped = [0, 0]
     rows = _filtered(source.rows(), done_ids, scan.latest, skipped) if done_ids else source.rows()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    async with AiohttpTransport(cfg.base_url, api_key=cfg.api_key, headers=cfg.headers, timeouts=cfg.timeouts,
-                                limit=cfg.worker_count) as transport:
+    async with transport_factory(cfg) as transport:
         runner = Runner(cfg, transport, sink, on_result=builder.add, run_number=run_number)
         runner.state.total = total
         # With a known total, rows already done are known up front too (they are skipped on reading).
