@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from gptoss_batch.body import BodyBuilder
 from gptoss_batch.config import RunConfig
@@ -180,7 +180,7 @@ class Runner:
         self.stop(f"deadline of {seconds:g}s reached")
         self.abort()
 
-    async def _worker(self, recv: ObjectReceiveStream[Row]) -> None:
+    async def _worker(self, recv: MemoryObjectReceiveStream[Row]) -> None:
         async with recv:
             while True:
                 # The nowait fast path skips two event-loop round trips per row when a row is ready.
