@@ -19,7 +19,7 @@ def gptoss(*args: str, input: bytes | None = None, timeout: float = CLI_TIMEOUT_
                           timeout=timeout, env=env, check=False)
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     with path.open("wb") as f:
         for row in rows:
             f.write(orjson.dumps(row) + b"\n")
