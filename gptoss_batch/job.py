@@ -5,6 +5,7 @@ exit code; tests and the sweep call this directly.
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -152,6 +153,7 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
     skipped = [0, 0]
     rows = _filtered(source.rows(), done_ids, scan.latest, skipped) if done_ids else source.rows()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    cpu0 = _cpu_s()
     async with transport_factory(cfg) as transport:
         runner = Runner(cfg, transport, sink, on_result=builder.add, run_number=run_number)
         runner.state.total = total
@@ -170,7 +172,10 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
             display.stop()
     extra: dict[str, Any] = {"started_at": started_at, "skipped": skipped[0], "run": run_number,
                              "output": spec.output, "input": spec.input_path,
-                             "stop_reason": outcome.stop_reason}
+                             "stop_reason": outcome.stop_reason,
+                             # The client's own CPU for the run loop (read, build, send, parse, write,
+                             # progress): what this tool costs per request, beside the server's time.
+                             "client_cpu_s": round(_cpu_s() - cpu0, 4)}
     summary = builder.summary(outcome.wall_s, extra)
     summary["config"] = describe(cfg)
     if scan.lines and spec.output != "-":
@@ -186,6 +191,11 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
         console.print(f"[yellow]Stopped early:[/] {outcome.stop_reason}", highlight=False)
     code = _exit_code(outcome, signals, total, builder.failed, builder.ok + skipped[1])
     return JobResult(code, summary, outcome)
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def overall_summary(output: str, total: int | None, slos: dict[str, float]) -> dict[str, Any]:
