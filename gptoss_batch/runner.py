@@ -104,6 +104,9 @@ class Runner:
         self._down_since: float | None = None
         self._last_ok = self.state.started_at
         self.on_limit_change: Callable[[int, str], None] | None = None
+        # Open-loop arrivals (sweep --rates): awaited before each row is handed to a worker, so rows
+        # arrive on the pacer's schedule rather than as workers free up.
+        self.pace: Callable[[], Awaitable[None]] | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -165,6 +168,8 @@ class Runner:
                         break
                     if row is None:
                         break
+                    if self.pace is not None:
+                        await self.pace()
                     await send.send(row)
                     self.state.started += 1
 
