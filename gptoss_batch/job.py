@@ -5,6 +5,7 @@ exit code; tests and the sweep call this directly.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import signal
 import sys
@@ -27,18 +28,21 @@ from gptoss_batch.report import PROGRESS_REFRESH_S, make_display, print_summary
 from gptoss_batch.runner import Runner, RunOutcome, Transport
 from gptoss_batch.sink import (
     JsonlSink,
+    OrderedSink,
     OutputLock,
     ScanResult,
     StreamSink,
     check_resume,
-    latest_results,
+    meta_path,
     move_aside,
+    ordered_window,
     read_meta,
     scan_output,
     write_json_atomic,
 )
 from gptoss_batch.stats import SummaryBuilder
 from gptoss_batch.transport import AiohttpTransport
+from gptoss_batch.verify import summarize_output
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -72,12 +76,15 @@ def summary_path_for(spec: JobSpec) -> Path | None:
     return Path(f"{spec.output}.summary.json")
 
 
-def _filtered(rows: Iterator[Row], done: set[str], latest: dict[str, bool], counter: list[int]) -> Iterator[Row]:
-    """Skip rows already done; counter = [rows skipped, of which ok]."""
+def _filtered(rows: Iterator[Row], scan: ScanResult, retry_failed: bool, counter: list[int]) -> Iterator[Row]:
+    """Skip rows already done (latest line ok, or an error kept by --no-retry-failed);
+    counter = [rows skipped, of which ok]."""
+    latest = scan.latest
     for row in rows:
-        if row.id in done:
+        status = latest.get(row.id)
+        if status is not None and (status or not retry_failed):
             counter[0] += 1
-            counter[1] += latest[row.id]
+            counter[1] += status
             continue
         yield row
 
@@ -107,83 +114,100 @@ async def run_job(cfg: RunConfig, spec: JobSpec, console: Console,
 
     lock = None if to_stdout else OutputLock(spec.output)
     if lock is not None:
+        _make_parent(spec.output)  # the lock file lives beside the output
         lock.acquire()
     try:
         scan = ScanResult()
-        meta: dict[str, Any] = {}
-        if not to_stdout:
+        meta: dict[str, Any] | None = None if to_stdout else {}
+        forced = False
+        if meta is not None:
             if cfg.overwrite:
                 aside = move_aside(spec.output)
                 if aside is not None:
                     console.print(f"--overwrite: previous results kept as {aside}")
             else:
-                check_resume(spec.output, fingerprint, force=cfg.force_resume)
+                forced = check_resume(spec.output, fingerprint, force=cfg.force_resume, input_path=spec.input_path)
                 scan = scan_output(spec.output)
                 if scan.partial_path:
                     console.print(f"A torn last line ({scan.partial_bytes} bytes) from an interrupted run was "
                                   f"moved to {scan.partial_path}")
-                meta = read_meta(spec.output)
-        run_number = int(meta.get("runs", 0)) + 1
-        done_ids = scan.done_ids(cfg.retry_failed)
-        sink: JsonlSink | StreamSink = StreamSink() if to_stdout else JsonlSink(spec.output, fsync=cfg.fsync)
+                if scan.bad_lines:
+                    console.print(f"[yellow]warning:[/] {scan.bad_lines} lines of {spec.output} are not result "
+                                  "lines; they are kept and ignored")
+                if forced:
+                    console.print("[yellow]--force-resume:[/] the input differs from the one this output was "
+                                  "written from; rows whose id already has a final ok line are kept, the rest "
+                                  "run, and the output now belongs to this input")
+                if scan.lines or scan.bad_lines:
+                    meta = read_meta(spec.output)  # with no results yet, an old sidecar has nothing to say
+        run_number = int((meta or {}).get("runs", 0)) + 1
+        inner: JsonlSink | StreamSink = StreamSink() if to_stdout else JsonlSink(spec.output, fsync=cfg.fsync)
+        sink: JsonlSink | StreamSink | OrderedSink = (
+            OrderedSink(inner, ordered_window(cfg.worker_count)) if cfg.ordered else inner)
         sink.open()
-        if not to_stdout:
-            meta.update({"tool": f"gptoss-batch {__version__}", "runs": run_number,
-                         "input": {"path": spec.input_path, **(fingerprint or {})},
-                         "last_started_at": datetime.now(UTC).isoformat(timespec="seconds")})
-            write_json_atomic(f"{spec.output}.meta.json", meta)
         try:
-            result = await _execute(cfg, spec, console, source, total, done_ids, sink, run_number, scan,
+            if meta is not None:
+                meta.update({"tool": f"gptoss-batch {__version__}", "runs": run_number,
+                             "input": {"path": spec.input_path, **(fingerprint or {})},
+                             "last_started_at": datetime.now(UTC).isoformat(timespec="seconds")})
+                write_json_atomic(meta_path(spec.output), meta)
+            result = await _execute(cfg, spec, console, source, total, sink, run_number, scan, meta, forced,
                                     transport_factory)
         finally:
-            sink.close()
-        if not to_stdout:
-            meta["wall_s_total"] = round(float(meta.get("wall_s_total", 0.0)) + result.summary["wall_s"], 3)
-            write_json_atomic(f"{spec.output}.meta.json", meta)
+            with contextlib.suppress(OutputError):
+                sink.close()  # already closed by _execute unless it failed
         return result
     finally:
         if lock is not None:
             lock.release()
 
 
+def _make_parent(output: str) -> None:
+    parent = Path(output).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot create the output's directory: {exc.strerror or exc}") from None
+
+
 async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: InputSource, total: int | None,
-                   done_ids: set[str], sink: JsonlSink | StreamSink, run_number: int,
-                   scan: ScanResult, transport_factory: TransportFactory) -> JobResult:
+                   sink: JsonlSink | StreamSink | OrderedSink, run_number: int, scan: ScanResult,
+                   meta: dict[str, Any] | None, forced: bool, transport_factory: TransportFactory) -> JobResult:
     builder = SummaryBuilder(slos=dict(cfg.slos), total_rows=total)
     skipped = [0, 0]
-    rows = _filtered(source.rows(), done_ids, scan.latest, skipped) if done_ids else source.rows()
+    rows = _filtered(source.rows(), scan, cfg.retry_failed, skipped) if scan.latest else source.rows()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     cpu0 = _cpu_s()
+    signals: list[int] = []
     async with transport_factory(cfg) as transport:
         runner = Runner(cfg, transport, sink, on_result=builder.add, run_number=run_number)
+        if isinstance(sink, OrderedSink):
+            runner.admit = sink.admit
         runner.state.total = total
-        # With a known total, rows already done are known up front too (they are skipped on reading).
-        runner.state.skipped = len(done_ids) if total is not None else 0
+        if total is not None:
+            # With a known total, rows already done are known up front too (they are skipped on reading).
+            runner.state.skipped = min(total, sum(1 for ok in scan.latest.values() if ok or not cfg.retry_failed))
         display = make_display(cfg.progress, console, runner.state)
-        signals: list[int] = []
-        display.start()
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_ticker, display)
-                tg.start_soon(_watch_signals, runner, display, signals)
-                outcome = await runner.run(rows, threaded_reads=spec.input_path == "-")
-                tg.cancel_scope.cancel()
-        finally:
-            display.stop()
-    extra: dict[str, Any] = {"started_at": started_at, "skipped": skipped[0], "run": run_number,
-                             "output": spec.output, "input": spec.input_path,
-                             "stop_reason": outcome.stop_reason,
-                             # The client's own CPU for the run loop (read, build, send, parse, write,
-                             # progress): what this tool costs per request, beside the server's time.
-                             "client_cpu_s": round(_cpu_s() - cpu0, 4)}
-    summary = builder.summary(outcome.wall_s, extra)
-    summary["config"] = describe(cfg)
-    if scan.lines and spec.output != "-":
-        # A resumed output: the overall figures count every row once, from its final line.
-        summary["overall"] = overall_summary(spec.output, total, dict(cfg.slos))
-    sp = summary_path_for(spec)
-    if sp is not None:
-        write_json_atomic(sp, summary)
+        async with anyio.create_task_group() as tg:
+            # Signals are watched until the summary is on disk: a Ctrl-C during the drain or while
+            # finishing up still ends with a closed output, a summary and exit 130/143.
+            tg.start_soon(_watch_signals, runner, display, signals)
+            display.start()
+            try:
+                async with anyio.create_task_group() as ticking:
+                    ticking.start_soon(_ticker, display)
+                    outcome = await runner.run(rows, threaded_reads=spec.input_path == "-")
+                    ticking.cancel_scope.cancel()
+            finally:
+                display.stop()
+            summary = _finish(cfg, spec, console, sink, outcome, builder, meta, forced, source, total, scan,
+                              {"started_at": started_at, "skipped": skipped[0], "run": run_number,
+                               "output": spec.output, "input": spec.input_path,
+                               "stop_reason": outcome.stop_reason,
+                               # The client's own CPU for the run loop (read, build, send, parse, write,
+                               # progress): what this tool costs per request, beside the server's time.
+                               "client_cpu_s": round(_cpu_s() - cpu0, 4)})
+            tg.cancel_scope.cancel()
     if outcome.input_error is not None:
         raise outcome.input_error
     print_summary(console, summary)
@@ -193,17 +217,47 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
     return JobResult(code, summary, outcome)
 
 
+def _finish(cfg: RunConfig, spec: JobSpec, console: Console, sink: JsonlSink | StreamSink | OrderedSink,
+            outcome: RunOutcome, builder: SummaryBuilder, meta: dict[str, Any] | None, forced: bool,
+            source: InputSource, total: int | None, scan: ScanResult, extra: dict[str, Any]) -> dict[str, Any]:
+    """After the run loop: close the output (--ordered writes what it still holds), then the sidecar and
+    the summary. A failure here is an output error like any other (exit 74), never a traceback."""
+
+    def failed(exc: OutputError) -> None:
+        if outcome.output_error is None:
+            outcome.output_error = exc
+        else:
+            console.print(f"[yellow]warning:[/] {exc}", highlight=False)
+
+    try:
+        sink.close()
+    except OutputError as exc:
+        failed(exc)
+    summary = builder.summary(outcome.wall_s, extra)
+    summary["config"] = describe(cfg)
+    if meta is not None:
+        meta["wall_s_total"] = round(float(meta.get("wall_s_total", 0.0)) + outcome.wall_s, 3)
+        try:
+            write_json_atomic(meta_path(spec.output), meta)
+            if scan.lines:
+                # A resumed output: the overall figures count every row once, from its final line.
+                only = {row.id for row in source.rows()} if forced else None
+                summary["overall"] = summarize_output(spec.output, total_rows=total, slos=cfg.slos,
+                                                      only_ids=only, wall_s=meta["wall_s_total"])
+        except OutputError as exc:
+            failed(exc)
+    sp = summary_path_for(spec)
+    if sp is not None:
+        try:
+            write_json_atomic(sp, summary)
+        except OutputError as exc:
+            failed(exc)
+    return summary
+
+
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def overall_summary(output: str, total: int | None, slos: dict[str, float]) -> dict[str, Any]:
-    b = SummaryBuilder(slos=slos, total_rows=total)
-    for r in latest_results(output).values():
-        b.add(r)
-    meta = read_meta(output)
-    return b.summary(float(meta.get("wall_s_total", 0.0)), {"runs": meta.get("runs")})
 
 
 def _exit_code(outcome: RunOutcome, signals: list[int], total: int | None, failed: int, ok_total: int) -> int:

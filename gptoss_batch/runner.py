@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,9 +22,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from gptoss_batch.body import BodyBuilder
 from gptoss_batch.config import RunConfig
 from gptoss_batch.errors import InputError, OutputError, TransportError
-from gptoss_batch.limits import CoolDown, TokenBucket
+from gptoss_batch.limits import CircuitBreaker, CoolDown, TokenBucket
 from gptoss_batch.records import Attempt, Completion, ErrorInfo, Result, Route, Row
-from gptoss_batch.retry import is_retryable, is_unavailability, retry_wait_s
+from gptoss_batch.retry import backoff_delay_s, is_retryable, is_unavailability, retry_wait_s
 from gptoss_batch.stats import stream_timings
 
 
@@ -48,6 +49,7 @@ class RunState:
     ok: int = 0
     failed: int = 0
     output_tokens: int = 0
+    attempts: int = 0  # requests actually sent
     retries: int = 0
     limit: int = 0
     limit_reason: str = ""
@@ -101,8 +103,12 @@ class Runner:
         self._work_scope = anyio.CancelScope()
         self._produce_scope = anyio.CancelScope()
         self._outcome = RunOutcome(self.state, 0.0)
-        self._down_since: float | None = None
-        self._last_ok = self.state.started_at
+        # While the server seems down, one probe at a time, spaced by the backoff with equal jitter (half
+        # fixed, half random): a bounded, predictable number of attempts however many workers there are.
+        self.breaker = CircuitBreaker(
+            lambda n: backoff_delay_s(n, cfg.retry, lambda: 0.5 + 0.5 * self.rand()),
+            window_s=cfg.retry.unavailable_after_s, clock=clock, sleep=sleep)
+        self._waits: set[anyio.CancelScope] = set()  # waits that a stop cuts short (see _stoppable)
         self.on_limit_change: Callable[[int, str], None] | None = None
         # Open-loop arrivals (sweep --rates): awaited before each row is handed to a worker, so rows
         # arrive on the pacer's schedule rather than as workers free up.
@@ -117,6 +123,8 @@ class Runner:
             self._outcome.stop_reason = reason
         self._outcome.interrupted = self._outcome.interrupted or interrupted
         self._stop.set()
+        for scope in list(self._waits):
+            scope.cancel()
 
     def abort(self) -> None:
         """Cancel in-flight requests at once (second Ctrl-C, drain timeout, deadline)."""
@@ -227,17 +235,34 @@ class Runner:
 
     # -- one row ---------------------------------------------------------------------------------
 
-    async def _gate(self, tokens_estimate: float) -> None:
-        """Everything an attempt must wait for before it is sent: cool-down, then rate buckets."""
-        await self.cooldown.wait()
-        if self.rpm is not None:
-            wait = self.rpm.take(1)
-            if wait > 0:
-                await self.sleep(wait)
-        if self.tpm is not None:
-            wait = self.tpm.take(tokens_estimate)
-            if wait > 0:
-                await self.sleep(wait)
+    @contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """A wait (backoff, breaker, rate buckets, cool-down) that ends at once when the run stops."""
+        with anyio.CancelScope() as scope:
+            if self.stopping:
+                scope.cancel()
+            self._waits.add(scope)
+            try:
+                yield
+            finally:
+                self._waits.discard(scope)
+
+    async def _gate(self, tokens_estimate: float) -> int | None:
+        """The shared waits before an attempt, cut short by a stop: the circuit breaker (one probe at a
+        time to a server that seems down), then the rpm and tpm buckets. Returns the breaker's ticket when
+        this attempt is its probe. The 429 cool-down comes last, in ``_process``, right before the send."""
+        probe: int | None = None
+        with self._stoppable():
+            try:
+                probe = await self.breaker.enter()
+                if self.rpm is not None and (wait := self.rpm.take(1)) > 0:
+                    await self.sleep(wait)
+                if self.tpm is not None and (wait := self.tpm.take(tokens_estimate)) > 0:
+                    await self.sleep(wait)
+            except BaseException:
+                self.breaker.release(probe)
+                raise
+        return probe
 
     def _error_result(self, row: Row, kind: str, message: str, *, status: int | None = None,
                       attempts: int = 0, latency_s: float = 0.0, log: tuple[Attempt, ...] = ()) -> Result:
@@ -260,10 +285,19 @@ class Runner:
         log: list[Attempt] = []
         estimate = _estimate_tokens(body, row, self.cfg.max_tokens)
         for attempt in range(1, policy.max_attempts + 1):
-            if attempt > 1 and self.stopping:
-                return None  # not written: a resumed run retries the row
-            await self._gate(estimate)
+            if self.stopping:
+                return None  # not written: a resumed run does the row
+            probe = await self._gate(estimate)
             await self._acquire_slot()
+            with self._stoppable():
+                await self.cooldown.wait()
+            if self.stopping:  # it stopped while this attempt waited: it is not sent
+                self.limiter.release()
+                self.breaker.release(probe)
+                return None
+            # Nothing awaits between the cool-down check and the send, so a 429 that trips the cool-down
+            # from here on finds this request already on its way.
+            self.state.attempts += 1
             self.state.in_flight += 1
             t0 = self.clock()
             try:
@@ -271,16 +305,21 @@ class Runner:
                 error: TransportError | None = None
             except TransportError as exc:
                 completion, error = None, exc
+            except BaseException:
+                self.breaker.release(probe)  # cancelled: the probe will never report
+                raise
             finally:
                 self.state.in_flight -= 1
                 self.limiter.release()
             t1 = self.clock()
+            if self.on_attempt is not None:
+                self.on_attempt(t0, t1, completion, error)
             if completion is not None:
                 self._on_success(t1, completion, estimate)
                 return self._ok_result(row, completion, t0, t1, attempt, tuple(log))
             assert error is not None
             retryable = is_retryable(error)
-            self._on_failure(error, t1)
+            self._on_failure(error, t0, t1, probe)
             if not retryable or attempt == policy.max_attempts or self.stopping:
                 return self._error_result(row, error.kind, error.message, status=error.status,
                                           attempts=attempt, latency_s=t1 - t0, log=tuple(log))
@@ -290,25 +329,25 @@ class Runner:
                 self.cooldown.trip(hint if hint is not None else wait)
             log.append(Attempt(error.kind, error.status, wait, error.message))
             self.state.retries += 1
-            await self.sleep(wait)
+            with self._stoppable():
+                await self.sleep(wait)
         return None  # unreachable: the loop returns on the last attempt
 
     def _on_success(self, now: float, completion: Completion, estimate: float) -> None:
-        self._last_ok = now
-        self._down_since = None
+        self.breaker.answered()
         if self.tpm is not None and completion.usage is not None:
-            # Correct the estimate with what the server actually counted.
-            self.tpm.take(completion.usage.total_tokens - estimate)
+            # Settle the estimate with what the server actually counted.
+            self.tpm.correct(estimate, completion.usage.total_tokens)
 
-    def _on_failure(self, error: TransportError, now: float) -> None:
+    def _on_failure(self, error: TransportError, started: float, now: float, probe: int | None) -> None:
         if not is_unavailability(error):
-            self._down_since = None
+            self.breaker.answered()  # a 429, a 400 or a broken body: the server is up
             return
-        if self._down_since is None:
-            self._down_since = now
+        self.breaker.failure(started, probe)
+        down = self.breaker.down_since
         window = self.cfg.retry.unavailable_after_s
-        if now - self._down_since >= window and now - self._last_ok >= window and not self.stopping:
-            since = time.strftime("%H:%M:%S", time.localtime(self.wall_clock() - (now - self._down_since)))
+        if down is not None and now - down >= window and not self.stopping:
+            since = time.strftime("%H:%M:%S", time.localtime(self.wall_clock() - (now - down)))
             self._outcome.unavailable = True
             self.stop(f"server unreachable: every attempt since {since} ({now - self._down_since:.0f}s) "
                       f"failed ({error.message})")

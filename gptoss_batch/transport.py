@@ -214,25 +214,33 @@ def _translate_errors(url: str, timeouts: Timeouts, stream: bool) -> Iterator[No
         yield
     except TransportError:
         raise
+    # Timeouts first: aiohttp's are also ClientErrors/OSErrors. str(TimeoutError()) is empty, so each
+    # message names the limit that fired and the flag that sets it.
     except aiohttp.ConnectionTimeoutError as exc:
-        raise TimeoutError_(f"connect timeout after {timeouts.connect_s:g}s to {url}") from exc
+        raise TimeoutError_(f"connect timeout: no connection to {url} within {timeouts.connect_s:g}s "
+                            "(--connect-timeout)") from exc
     except aiohttp.SocketTimeoutError as exc:
-        raise TimeoutError_(
-            f"read timeout: no data for {timeouts.read_timeout_s(stream):g}s from {url}") from exc
+        # aiohttp's sock_read: the time between two reads, from the request being sent on (so it also
+        # bounds the wait for the response headers, which is all of a non-streamed generation).
+        raise TimeoutError_(f"read timeout: no data from {url} for {timeouts.read_timeout_s(stream):g}s "
+                            "(--read-timeout)") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise TimeoutError_(f"request timeout after {timeouts.request_s:g}s to {url}") from exc
+        raise TimeoutError_(f"request timeout: the attempt took longer than {timeouts.request_s:g}s "
+                            f"({url}, --request-timeout)") from exc
     except aiohttp.ClientConnectorError as exc:
         raise ConnectError(f"cannot connect to {url}: {exc.os_error.strerror or exc}") from exc
     except aiohttp.ServerDisconnectedError as exc:
-        raise ConnectError(f"server disconnected: {url}") from exc
+        raise ConnectError(f"server disconnected before answering: {url}") from exc
     except aiohttp.ClientPayloadError as exc:
-        raise StreamError(f"response cut short: {exc}") from exc
+        raise StreamError(f"response cut short: {str(exc) or exc.__class__.__name__} ({url})") from exc
     except (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError) as exc:
-        raise ConnectError(f"connection error: {exc.strerror or exc.__class__.__name__} ({url})") from exc
+        raise ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})") from exc
     except aiohttp.ClientResponseError as exc:
-        raise ProtocolError(f"bad HTTP response: {exc.message or exc.__class__.__name__}") from exc
+        raise ProtocolError(f"bad HTTP response: {exc.message or exc.__class__.__name__} ({url})") from exc
     except aiohttp.ClientError as exc:
-        raise ConnectError(f"{exc.__class__.__name__}: {exc or 'client error'} ({url})") from exc
+        raise ConnectError(f"{exc.__class__.__name__}: {str(exc) or 'client error'} ({url})") from exc
+    except OSError as exc:  # raised past aiohttp's wrapping, e.g. EMFILE: too many open files
+        raise ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})") from exc
 
 
 class AiohttpTransport:

@@ -44,7 +44,7 @@ class SimConfig:
                                         SERVER)
     request_log: Path | None = _knob(  # noqa: RUF009 - _knob returns a dataclasses.field
         None, "Append one JSON line per completion request to this file (arrival/done times, status, fault, "
-        "in_flight, running, waiting).", SERVER)
+        "the Retry-After sent, in_flight, running, waiting).", SERVER)
 
     # --- the engine model (continuous batching)
     max_num_seqs: int = _knob(16, "Sequences decoded together; further requests wait in a FIFO queue.",

@@ -78,6 +78,8 @@ class _Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     t_first_token: float | None = None
+    # The Retry-After this answer carried, so a test can check that no request came during the pause.
+    retry_after_s: float | None = None
 
 
 class SimServer:
@@ -222,7 +224,8 @@ class SimServer:
             if self._log is not None:
                 entry.update(t_done=time.time(), status=out.status, fault=out.fault, stream=out.stream,
                              path=request.path, prompt_tokens=out.prompt_tokens,
-                             completion_tokens=out.completion_tokens, t_first_token=out.t_first_token)
+                             completion_tokens=out.completion_tokens, t_first_token=out.t_first_token,
+                             retry_after_s=out.retry_after_s)
                 self._log.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
 
     def _error(self, out: _Outcome, status: int, message: str, err_type: str,
@@ -290,10 +293,12 @@ class SimServer:
             return self._error(out, 503, "Service unavailable (simulated).", "ServiceUnavailableError")
         if plan.fault == "http_429":
             headers = {"Retry-After": _seconds_header(cfg.retry_after_s)} if plan.retry_after else None
+            out.retry_after_s = cfg.retry_after_s if plan.retry_after else None
             return self._error(out, 429, "Rate limit exceeded (simulated).", "RateLimitError", headers)
         if cfg.overload_queue_limit is not None and self.waiting >= cfg.overload_queue_limit:
             out.fault = "overload"
             headers = {"Retry-After": _seconds_header(cfg.retry_after_s)} if cfg.retry_after_s > 0 else None
+            out.retry_after_s = cfg.retry_after_s if cfg.retry_after_s > 0 else None
             err_type = "RateLimitError" if cfg.overload_status == 429 else "ServiceUnavailableError"
             return self._error(out, cfg.overload_status,
                                f"Server overloaded: {self.waiting} requests waiting (simulated).", err_type, headers)
