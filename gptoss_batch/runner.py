@@ -113,6 +113,9 @@ class Runner:
         # Open-loop arrivals (sweep --rates): awaited before each row is handed to a worker, so rows
         # arrive on the pacer's schedule rather than as workers free up.
         self.pace: Callable[[], Awaitable[None]] | None = None
+        # Ordered output (sink.OrderedSink.admit): awaited before a row starts, so a bounded reorder
+        # buffer can hold reading back instead of growing.
+        self.admit: Callable[[Row], Awaitable[None]] | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class Runner:
                         break
                     if self.pace is not None:
                         await self.pace()
+                    if self.admit is not None:
+                        await self.admit(row)
                     await send.send(row)
                     self.state.started += 1
 
