@@ -51,11 +51,32 @@ class BodyBuilder:
         if self._stream:
             body["stream"] = True
             if include_usage:
-                body["stream_options"] = {"include_usage": True}
+                # Ask for the usage chunk (exact output tokens), keeping any other option the row set.
+                options = body.get("stream_options")
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         else:
             body.pop("stream", None)
             body.pop("stream_options", None)
         return route, orjson.dumps(body)
+
+
+def rejects_stream_options(status: int | None, message: str) -> bool:
+    """Whether an error answer refuses ``stream_options`` itself (servers that predate it answer 400 or 422,
+    e.g. "Unrecognized request argument supplied: stream_options"), rather than anything else in the request."""
+    if status not in (400, 422):
+        return False
+    text = message.lower()
+    return "stream_options" in text or "stream options" in text
+
+
+def without_stream_options(body: bytes) -> bytes | None:
+    """The same request body without ``stream_options``; None when it has none."""
+    if b'"stream_options"' not in body:
+        return None
+    data = orjson.loads(body)
+    if not isinstance(data, dict) or data.pop("stream_options", None) is None:
+        return None
+    return orjson.dumps(data)
 
 
 def _flatten_messages(messages: Any) -> str:

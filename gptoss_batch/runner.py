@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -359,18 +359,20 @@ class Runner:
 
     def _ok_result(self, row: Row, c: Completion, t0: float, t1: float, attempts: int,
                    log: tuple[Attempt, ...]) -> Result:
-        timing: dict[str, object] = {}
+        timing: dict[str, Any] = {}
         if c.started_at is not None and c.chunk_times:
+            # Streamed: the transport's perf_counter() times; t1 (same clock in a real run) ends the stream.
             timing = stream_timings(c.started_at, c.chunk_times, t1,
                                     c.usage.completion_tokens if c.usage else None)
+        source = timing.get("output_tokens_source")
         return Result(
             id=row.id, index=row.index, status="ok", text=c.text, finish_reason=c.finish_reason,
             usage=c.usage, model=c.model, latency_s=t1 - t0, attempts=attempts,
-            ttft_s=timing.get("ttft_s"),  # type: ignore[arg-type]
-            tpot_s=timing.get("tpot_s"),  # type: ignore[arg-type]
-            itl_s=timing.get("itl_s"),  # type: ignore[arg-type]
-            output_tokens_source=timing.get("output_tokens_source"),  # type: ignore[arg-type]
+            ttft_s=timing.get("ttft_s"), tpot_s=timing.get("tpot_s"), itl_s=timing.get("itl_s"),
+            output_tokens_source=source,
             concurrency=self.state.limit, attempt_log=log, run=self.run_number, reasoning=c.reasoning,
+            # No usage: the line still says how many output tokens were counted (chunks).
+            extra={"output_tokens": timing["output_tokens"]} if source == "chunks" else {},
         )
 
 

@@ -99,24 +99,29 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def stream_timings(started_at: float, chunk_times: Sequence[float], end: float,
                    usage_tokens: int | None) -> dict[str, Any]:
-    """TTFT, TPOT and inter-token latency for one streamed response.
+    """TTFT, TPOT and inter-token latency for one streamed response (all ``perf_counter()`` seconds).
 
-    TTFT is to the first chunk carrying content (not the role-only chunk). The output token count comes
-    from ``usage`` when the server sent it (a chunk may carry several tokens), else from counted chunks.
+    * ``ttft_s``: request start to the first event carrying output (not the role-only chunk).
+    * ``output_tokens`` and ``output_tokens_source``: from ``usage`` when the server sent it (a chunk may
+      carry several tokens), else the counted content events ("chunks").
+    * ``tpot_s``: (latency − TTFT) / (output tokens − 1), the mean time per token after the first.
+    * ``itl_s``: mean, median and largest gap between consecutive content events. Events that arrived in
+      one read share its time, so a client that fell behind shows gaps of 0 and a longer one before them.
     """
     if not chunk_times:
         return {}
     ttft = chunk_times[0] - started_at
     tokens, source = (usage_tokens, "usage") if usage_tokens else (len(chunk_times), "chunks")
     latency = end - started_at
-    out: dict[str, Any] = {"ttft_s": ttft, "output_tokens_source": source}
+    out: dict[str, Any] = {"ttft_s": ttft, "output_tokens": tokens, "output_tokens_source": source}
     if tokens > 1:
-        out["tpot_s"] = (latency - ttft) / (tokens - 1)
+        out["tpot_s"] = max(latency - ttft, 0.0) / (tokens - 1)
     if len(chunk_times) > 1:
         gaps = sorted(b - a for a, b in pairwise(chunk_times))
         mid = len(gaps) // 2
         p50 = gaps[mid] if len(gaps) % 2 else (gaps[mid - 1] + gaps[mid]) / 2
-        out["itl_s"] = {"mean": round(sum(gaps) / len(gaps), 6), "p50": round(p50, 6), "max": round(gaps[-1], 6)}
+        out["itl_s"] = {"mean": round((chunk_times[-1] - chunk_times[0]) / len(gaps), 6), "p50": round(p50, 6),
+                        "max": round(gaps[-1], 6)}
     return out
 
 
@@ -129,6 +134,8 @@ class SummaryBuilder:
     latency: Samples = field(default_factory=Samples)
     ttft: Samples = field(default_factory=Samples)
     tpot: Samples = field(default_factory=Samples)
+    # Each row's mean inter-token latency (as guidellm reports ITL): rows, not gaps, are the samples, so a
+    # resumed run's overall summary, rebuilt from result lines, agrees with the live one.
     itl: Samples = field(default_factory=Samples)
     ok: int = 0
     failed: int = 0
@@ -158,6 +165,10 @@ class SummaryBuilder:
         if r.usage is not None:
             self.output_tokens += r.usage.completion_tokens
             self.prompt_tokens += r.usage.prompt_tokens
+        elif r.output_tokens_source == "chunks":
+            # A stream without usage (the server ignored or refused stream_options): its counted chunks.
+            counted = r.extra.get("output_tokens")
+            self.output_tokens += counted if isinstance(counted, int) else 0
         if r.ttft_s is not None:
             self.ttft.add(r.ttft_s)
         if r.tpot_s is not None:

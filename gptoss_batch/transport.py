@@ -6,16 +6,19 @@ aiohttp/asyncio exception is translated to our error tree in ``_translate_errors
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 
+from gptoss_batch.body import rejects_stream_options, without_stream_options
 from gptoss_batch.config import Timeouts
 from gptoss_batch.errors import (
     ConnectError,
@@ -28,69 +31,122 @@ from gptoss_batch.errors import (
 from gptoss_batch.records import ROUTE_PATHS, Completion, Route, Usage
 
 _JSON = "application/json"
+# After [DONE], how long to wait for the end of the body (servers send it at once) before giving up on it.
+DONE_DRAIN_S = 1.0
 
 
 class SSEDecoder:
     """Incremental server-sent-events decoder: feed bytes, get complete ``data`` payloads.
 
-    Splits events on blank lines (``\\n\\n``, ``\\r\\n\\r\\n`` or mixed), joins multi-line ``data:`` fields with
-    ``\\n``, ignores comments (``:``) and other fields. ``close()`` returns a last event that had no trailing
-    blank line. Byte-level buffering means a chunk boundary may fall anywhere, even inside a UTF-8
-    character or a ``\\r\\n``.
+    Splits events on blank lines (``\\n``, ``\\r\\n`` or ``\\r`` line endings, mixed freely), joins multi-line
+    ``data:`` fields with ``\\n`` and ignores comments (``:``), ``id:`` and ``retry:``. ``close()`` returns a last
+    event that had no trailing blank line. A chunk boundary may fall anywhere, even inside a UTF-8 character or
+    a ``\\r\\n``: the decoder works on bytes and never decodes text.
+
+    Error events become ``{"error": ...}`` payloads, so one check downstream catches every style: the
+    standard ``event: error`` + ``data: ...``, and llama.cpp's non-standard ``error: {...}`` field.
     """
 
-    __slots__ = ("_buf", "_data")
+    __slots__ = ("_buf", "_fresh")
 
     def __init__(self) -> None:
         self._buf = b""
-        self._data: list[bytes] = []
+        self._fresh = True
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if not self._buf and chunk[-2:] == b"\n\n" and chunk[:6] == b"data: ":
+            # The hot path: a read that holds exactly one `data: {...}` event, as servers write them.
+            payload = chunk[6:-2]
+            if b"\n" not in payload and b"\r" not in payload:
+                self._fresh = False
+                return [payload]
         buf = self._buf + chunk if self._buf else chunk
+        if self._fresh:
+            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
+                self._buf = buf  # maybe the start of a byte-order mark
+                return []
+            self._fresh = False
+            if buf.startswith(b"\xef\xbb\xbf"):
+                buf = buf[3:]
+        if b"\r" in buf:
+            buf = _normalise_newlines(buf)
+        if b"\n\n" not in buf:
+            self._buf = buf
+            return []
+        parts = buf.split(b"\n\n")
+        self._buf = parts.pop()
         events: list[bytes] = []
-        if b"\r" not in buf:  # the common case: \n line endings only
-            lines = buf.split(b"\n")
-            self._buf = lines.pop()
-            for line in lines:
-                self._line(line, events)
-            return events
-        start, n = 0, len(buf)
-        while start < n:
-            nl = buf.find(b"\n", start)
-            cr = buf.find(b"\r", start, nl) if nl >= 0 else buf.find(b"\r", start)
-            if cr >= 0:
-                if cr == n - 1:
-                    break  # maybe the first half of a \r\n: wait for the next chunk
-                end, nxt = cr, cr + 2 if buf[cr + 1] == 10 else cr + 1
-            elif nl >= 0:
-                end, nxt = nl, nl + 1
-            else:
-                break
-            self._line(buf[start:end], events)
-            start = nxt
-        self._buf = buf[start:]
+        for part in parts:
+            # One `data: {...}` line per event, as vLLM, SGLang, llama.cpp and OpenAI send.
+            if part[:6] == b"data: " and b"\n" not in part:
+                events.append(part[6:])
+            elif part:
+                _parse_event(part, events)
         return events
-
-    def _line(self, line: bytes, events: list[bytes]) -> None:
-        if not line:
-            if self._data:
-                events.append(b"\n".join(self._data))
-                self._data = []
-            return
-        if line.startswith(b"data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
-        # comments (":...") and other fields (event:, id:, retry:) carry nothing we use
 
     def close(self) -> list[bytes]:
+        """End of stream: the last event, when it lacked its blank line."""
+        tail = self._buf.rstrip(b"\r\n")
+        self._buf = b""
         events: list[bytes] = []
-        if self._buf:
-            self._line(self._buf.rstrip(b"\r"), events)
-            self._buf = b""
-        if self._data:
-            events.append(b"\n".join(self._data))
-            self._data = []
+        if tail:
+            _parse_event(_normalise_newlines(tail), events)
         return events
+
+
+def _normalise_newlines(buf: bytes) -> bytes:
+    """``\\r\\n`` and lone ``\\r`` -> ``\\n``. A final ``\\r`` stays as it is: it may be half of a ``\\r\\n``.
+
+    Safe on the payloads too: JSON text cannot hold a raw CR.
+    """
+    if buf.endswith(b"\r"):
+        return buf[:-1].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + b"\r"
+    return buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _parse_event(block: bytes, events: list[bytes]) -> None:
+    """One event's lines (``\\n``-separated, no blank line) -> its payload, if it has data or an error."""
+    data: list[bytes] = []
+    kind = b""
+    for line in block.split(b"\n"):
+        if not line or line[:1] == b":":
+            continue  # a stray blank line (the block began with one) or a comment
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            kind = value
+        elif name == b"error":  # llama.cpp's server_sent_event(sink, "error", ...)
+            events.append(_error_payload(value))
+    if data:
+        payload = b"\n".join(data)
+        events.append(_error_payload(payload) if kind == b"error" else payload)
+
+
+def _error_payload(value: bytes) -> bytes:
+    """Wrap an error event's text as ``{"error": ...}``: its JSON as it is, anything else as a string."""
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        obj = value.decode("utf-8", "replace")
+    if isinstance(obj, dict) and "error" in obj:
+        return orjson.dumps(obj)
+    return orjson.dumps({"error": obj})
+
+
+def _stream_error_message(data: dict[str, Any]) -> str:
+    """The server's words from an in-stream error object (OpenAI/vLLM dict, TGI string, llama.cpp dict)."""
+    err = data.get("error")
+    if isinstance(err, dict):
+        for key in ("message", "detail", "error"):
+            if isinstance(err.get(key), str) and err[key]:
+                return str(err[key])[:500]
+        return orjson.dumps(err).decode()[:500]
+    if isinstance(err, str) and err:
+        return err[:500]
+    return orjson.dumps(data).decode()[:500]
 
 
 def error_message(body: bytes, status: int | None = None) -> str:
@@ -143,13 +199,22 @@ def parse_completion(data: Any, route: Route) -> Completion:
 
 
 class StreamAccumulator:
-    """Folds streamed chunks into a Completion, timing each chunk that carries content."""
+    """Folds streamed chunks into a Completion, timing each event that carries output.
 
-    __slots__ = ("chunk_times", "finish_reason", "model", "parts", "reasoning", "route", "started_at", "usage")
+    ``chunk_times`` gets one ``perf_counter()`` time per event with content (or reasoning) for choice 0; the
+    role-only chunk, the finish chunk and the usage chunk carry none. Events that arrived in one read share
+    its time. ``on_text(text, reasoning)`` sees each piece as it arrives (the ``chat`` command prints them).
+    """
 
-    def __init__(self, route: Route, started_at: float) -> None:
+    __slots__ = ("_chat", "chunk_times", "finish_reason", "model", "on_text", "parts", "reasoning", "route",
+                 "started_at", "usage")
+
+    def __init__(self, route: Route, started_at: float,
+                 on_text: Callable[[str, bool], None] | None = None) -> None:
         self.route = route
+        self._chat = route == "chat"
         self.started_at = started_at
+        self.on_text = on_text
         self.parts: list[str] = []
         self.reasoning: list[str] = []
         self.chunk_times: list[float] = []
@@ -158,42 +223,58 @@ class StreamAccumulator:
         self.model: str | None = None
 
     def add(self, payload: bytes, now: float) -> bool:
-        """Add one event's data; returns True at ``[DONE]``."""
+        """Add one event's data; returns True at ``[DONE]``. Raises StreamError for an error event."""
         if payload == b"[DONE]":
             return True
         try:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
+            if not payload.strip():
+                return False  # an empty `data:` line: nothing to add
             raise ProtocolError(f"stream event is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
+        if type(data) is not dict:
             raise ProtocolError("stream event is not a JSON object")
-        if "error" in data and not data.get("choices"):
-            raise StreamError(f"error event in stream: {error_message(payload)}")
-        if self.model is None and isinstance(data.get("model"), str):
-            self.model = data["model"]
+        choices = data.get("choices")
+        if choices:
+            choice = choices[0] if type(choices) is list else None
+            if type(choice) is dict and not choice.get("index"):  # choice 0 only (n > 1 interleaves)
+                if self._chat:
+                    delta = choice.get("delta")
+                    content = None
+                    if type(delta) is dict:
+                        content = delta.get("content")
+                        # A plain content delta has one key: skip the reasoning look-ups for it.
+                        if content is None or len(delta) > 1:
+                            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                            if reasoning and type(reasoning) is str:
+                                self._reasoning(reasoning, now, bool(content))
+                else:
+                    content = choice.get("text")
+                if content and type(content) is str:
+                    self.parts.append(content)
+                    self.chunk_times.append(now)
+                    if self.on_text is not None:
+                        self.on_text(content, False)
+                finish = choice.get("finish_reason")
+                if finish:
+                    self.finish_reason = str(finish)
+        elif "error" in data:
+            raise StreamError(f"error event in stream: {_stream_error_message(data)}")
         usage = data.get("usage")
         if usage:
             self.usage = Usage.from_json(usage)
-        choices = data.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            choice = choices[0]
-            if self.route == "chat":
-                delta = choice.get("delta")
-                content = delta.get("content") if isinstance(delta, dict) else None
-                r = (delta.get("reasoning_content") or delta.get("reasoning")) if isinstance(delta, dict) else None
-                if isinstance(r, str) and r:
-                    self.reasoning.append(r)
-                    self.chunk_times.append(now)
-            else:
-                content = choice.get("text")
-            if isinstance(content, str) and content:
-                self.parts.append(content)
-                if not self.chunk_times or self.chunk_times[-1] != now:
-                    self.chunk_times.append(now)
-            fr = choice.get("finish_reason")
-            if fr:
-                self.finish_reason = fr
+        if self.model is None:
+            model = data.get("model")
+            if type(model) is str:
+                self.model = model
         return False
+
+    def _reasoning(self, text: str, now: float, with_content: bool) -> None:
+        self.reasoning.append(text)
+        if not with_content:  # an event is timed once, whatever it carries
+            self.chunk_times.append(now)
+        if self.on_text is not None:
+            self.on_text(text, True)
 
     def result(self) -> Completion:
         return Completion(
@@ -205,6 +286,40 @@ class StreamAccumulator:
             chunk_times=tuple(self.chunk_times),
             reasoning="".join(self.reasoning) if self.reasoning else None,
         )
+
+
+async def read_stream(chunks: AsyncIterator[bytes], route: Route, started: float,
+                      on_text: Callable[[str, bool], None] | None = None) -> Completion:
+    """Read an SSE response body to its end: a Completion, or StreamError/ProtocolError.
+
+    Each read is timestamped the moment it is handed over (``iter_any`` returns whatever bytes have arrived,
+    without waiting for more). After ``[DONE]`` the body is still read to its end, briefly: leaving the
+    chunked terminator unread would make aiohttp close the connection instead of reusing it. A stream
+    that ends without ``[DONE]`` (some servers never send it) is complete when it said why it finished
+    (a finish_reason, or usage); otherwise it was cut.
+    """
+    decoder = SSEDecoder()
+    acc = StreamAccumulator(route, started, on_text)
+    perf = time.perf_counter
+    add = acc.add
+    async for chunk in chunks:
+        now = perf()
+        for event in decoder.feed(chunk):
+            if add(event, now):
+                # The answer is complete: nothing that happens to the rest of the body can change it.
+                with anyio.move_on_after(DONE_DRAIN_S), contextlib.suppress(Exception):
+                    async for _ in chunks:
+                        pass
+                return acc.result()
+    try:
+        for event in decoder.close():
+            if add(event, perf()):
+                return acc.result()
+    except ProtocolError:
+        raise StreamError("stream ended in the middle of an event (connection cut mid-stream?)") from None
+    if acc.finish_reason is None and acc.usage is None:
+        raise StreamError("stream ended before any finish_reason (connection cut mid-stream?)")
+    return acc.result()
 
 
 @contextmanager
@@ -264,6 +379,8 @@ class AiohttpTransport:
         h.update(dict(headers))
         self._headers = h
         self._session: aiohttp.ClientSession | None = None
+        # Set once the server rejected stream_options: it is left out for the rest of the session.
+        self._drop_stream_options = False
         self._timeout_plain = aiohttp.ClientTimeout(
             total=timeouts.request_s, sock_connect=timeouts.connect_s,
             sock_read=timeouts.read_timeout_s(False))
@@ -293,10 +410,30 @@ class AiohttpTransport:
             if isinstance(connector, aiohttp.TCPConnector):
                 connector._limit = max(limit, 1)  # no public setter; aiohttp reads it on each acquire
 
-    async def send(self, route: Route, body: bytes, *, stream: bool) -> Completion:
+    async def send(self, route: Route, body: bytes, *, stream: bool,
+                   on_text: Callable[[str, bool], None] | None = None) -> Completion:
+        """One attempt. ``on_text(text, reasoning)`` sees streamed pieces as they arrive.
+
+        A server that rejects ``stream_options`` (400/422 naming it) gets the request again without it at
+        once, and no request of this session carries it from then on; output tokens are then counted chunks.
+        """
+        if stream and self._drop_stream_options:
+            body = without_stream_options(body) or body
+        try:
+            return await self._send(route, body, stream, on_text)
+        except HTTPStatusError as exc:
+            stripped = without_stream_options(body) if stream else None
+            if stripped is None or not rejects_stream_options(exc.status, exc.message):
+                raise
+            self._drop_stream_options = True
+            return await self._send(route, stripped, stream, on_text)
+
+    async def _send(self, route: Route, body: bytes, stream: bool,
+                    on_text: Callable[[str, bool], None] | None) -> Completion:
         assert self._session is not None, "use AiohttpTransport as an async context manager"
         url = self.base_url + ROUTE_PATHS[route]
         with _translate_errors(url, self.timeouts, stream):
+            # TTFT counts from here: connecting (or waiting for a pooled connection) is part of it.
             started = time.perf_counter()
             async with self._session.post(
                 url, data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
@@ -308,7 +445,7 @@ class AiohttpTransport:
                         status=resp.status, headers=dict(resp.headers))
                 ctype = resp.headers.get("Content-Type", "")
                 if stream and "text/event-stream" in ctype:
-                    return await self._read_stream(resp.content.iter_any(), route, started)
+                    return await read_stream(resp.content.iter_any(), route, started, on_text)
                 raw = await resp.read()
                 try:
                     data = orjson.loads(raw)
@@ -316,23 +453,6 @@ class AiohttpTransport:
                     raise ProtocolError(
                         f"response body is not valid JSON ({len(raw)} bytes, HTTP {resp.status})") from None
                 return parse_completion(data, route)
-
-    async def _read_stream(self, chunks: AsyncIterator[bytes], route: Route, started: float) -> Completion:
-        decoder = SSEDecoder()
-        acc = StreamAccumulator(route, started)
-        perf = time.perf_counter
-        async for chunk in chunks:
-            now = perf()
-            for event in decoder.feed(chunk):
-                if acc.add(event, now):
-                    return acc.result()
-        for event in decoder.close():
-            if acc.add(event, perf()):
-                return acc.result()
-        # No [DONE]: some servers never send it. A stream that said why it finished is complete.
-        if acc.finish_reason is None and acc.usage is None:
-            raise StreamError("stream ended before any finish_reason (connection cut mid-stream?)")
-        return acc.result()
 
     async def get_text(self, url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """GET a side URL (``/metrics``, ``/health``); failures come back as our errors."""
