@@ -99,6 +99,9 @@ def run(
     concurrency: Annotated[str | None, typer.Option("--concurrency", "-n", help="Requests in flight at most "
                            "(default 8), or 'auto' to tune it from latency, 429s and the server's /metrics.",
                            rich_help_panel=LOAD)] = None,
+    concurrency_from: Annotated[Path | None, typer.Option(help="Take --concurrency from a sweep: the knee "
+                                "recorded in SWEEP.json (or a --report-dir) by gptoss-batch sweep.",
+                                rich_help_panel=LOAD, metavar="SWEEP.json", show_default=False)] = None,
     min_concurrency: Annotated[int | None, typer.Option(help="Lower bound for --concurrency auto.",
                                rich_help_panel=LOAD)] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Upper bound for --concurrency auto (default 256).",
@@ -188,6 +191,11 @@ def run(
         "drain_timeout": drain_timeout, "progress": progress, "ordered": ordered,
     }
     try:
+        if concurrency_from is not None:
+            from gptoss_batch.sweep import concurrency_from_sweep
+
+            flags["concurrency"], note = concurrency_from_sweep(concurrency_from, concurrency)
+            console.print(note, highlight=False, soft_wrap=True)
         cfg, file_values = load_run_config(config, flags)
         if input_format not in {"auto", "jsonl", "batch", "csv"}:
             raise ConfigError(f"--input-format {input_format!r}: must be auto, jsonl, batch or csv")
@@ -300,6 +308,136 @@ def summary_command(
         runs = result.get("runs_total")
         took = f" ({runs} run{'s' if runs != 1 else ''})" if runs else ""
         print_summary(Console(), result, title=f"Summary of {output}{took}")
+
+
+SWEEP = "Sweep"
+
+
+@app.command()
+def sweep(
+    input: Annotated[str, typer.Argument(help="Prompt file (JSONL, OpenAI Batch JSONL or CSV). Its rows are used "
+                                         "in order at every level, cycling when a level needs more.",
+                                         show_default=False)],
+    levels: Annotated[str | None, typer.Option(help="Concurrency levels, e.g. 1,2,4,6,8,12,16,32,64, or 'auto': "
+                      "double from 1 until throughput rises by 5% or less, errors appear or --max-concurrency "
+                      "is reached (default auto).", rich_help_panel=SWEEP)] = None,
+    rates: Annotated[str | None, typer.Option(help="Request-rate mode instead: arrival rates in requests/s, e.g. "
+                     "0.5,1,2,4. Poisson arrivals, open loop (arrivals do not wait for answers), at most "
+                     "--max-concurrency in flight.", rich_help_panel=SWEEP)] = None,
+    requests_per_level: Annotated[int | None, typer.Option(help="Rows measured per level (default 4x the level, "
+                                  "at least 16).", rich_help_panel=SWEEP)] = None,
+    duration: Annotated[float | None, typer.Option(help="Measure each level for this many seconds instead "
+                        "(in-flight requests then finish and count).", rich_help_panel=SWEEP)] = None,
+    warmup: Annotated[int | None, typer.Option(help="Rows sent before each level's measurement and not counted "
+                      "(default: one per slot, i.e. the level; 0 for none).", rich_help_panel=SWEEP)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the Poisson arrivals (--rates).", rich_help_panel=SWEEP)] = 0,
+    max_concurrency: Annotated[int | None, typer.Option(help="Ceiling of --levels auto; requests in flight at "
+                               "most with --rates (default 256).", rich_help_panel=SWEEP)] = None,
+    slo: Annotated[list[str] | None, typer.Option("--slo", help="name=seconds (ttft, tpot, itl, latency): a level "
+                   "is recommended only if its p90 meets every SLO (repeatable).", rich_help_panel=SWEEP)] = None,
+    report_dir: Annotated[str | None, typer.Option(help="Write sweep.json, sweep.csv, sweep.md, sweep.png and "
+                          "levels.jsonl (every result line, with its level) here. Rerunning with the same "
+                          "directory resumes: levels already in sweep.json are not measured again.",
+                          rich_help_panel=OUT, show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the report directory afresh (old files "
+                         "are moved aside, never deleted).", rich_help_panel=OUT)] = False,
+    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
+                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Model name sent with every request.", rich_help_panel=REQ)] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
+                       rich_help_panel=CONN, show_default=False)] = None,
+    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
+                      "(repeatable).", rich_help_panel=CONN)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run's keys (flags win).",
+                      show_default=False)] = None,
+    metrics_url: Annotated[str | None, typer.Option(help="The server's Prometheus page, polled every 0.5 s during "
+                           "each level for its running/waiting requests and KV-cache use (default: the base URL "
+                           "without /v1, plus /metrics).", rich_help_panel=CONN, show_default=False)] = None,
+    server_metrics: Annotated[bool | None, typer.Option("--server-metrics/--no-server-metrics", help="Poll "
+                              "the server's /metrics (default on; skipped quietly when it has none).",
+                              rich_help_panel=CONN)] = None,
+    route: Annotated[str | None, typer.Option(help="chat or completions (default: the row's own, else chat).",
+                     rich_help_panel=REQ)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default max_tokens (rows may override).",
+                          rich_help_panel=REQ)] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default temperature.", rich_help_panel=REQ)] = None,
+    top_p: Annotated[float | None, typer.Option(help="Default top_p.", rich_help_panel=REQ)] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (repeatable).",
+                     rich_help_panel=REQ)] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Stream responses, to measure TTFT "
+                      "and TPOT per level.", rich_help_panel=REQ)] = None,
+    no_retries: Annotated[bool, typer.Option("--no-retries", help="One attempt per row (--max-attempts 1): the "
+                          "raw success rate of each level, as the tutorial measured it.",
+                          rich_help_panel=LOAD)] = False,
+    max_attempts: Annotated[int | None, typer.Option(help="Attempts per row, the first included (default 6).",
+                            rich_help_panel=LOAD)] = None,
+    backoff_initial: Annotated[float | None, typer.Option(help="First backoff cap in seconds (default 0.5).",
+                               rich_help_panel=LOAD)] = None,
+    backoff_max: Annotated[float | None, typer.Option(help="Largest backoff in seconds (default 30).",
+                           rich_help_panel=LOAD)] = None,
+    max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
+                               "(default 120).", rich_help_panel=LOAD)] = None,
+    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
+                               rich_help_panel=CONN)] = None,
+    read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails.",
+                            rich_help_panel=CONN)] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
+                               rich_help_panel=CONN)] = None,
+    input_format: Annotated[str, typer.Option(help="auto, jsonl, batch or csv.", rich_help_panel=INP)] = "auto",
+    prompt_column: Annotated[str | None, typer.Option(help="CSV column holding the prompt.",
+                             rich_help_panel=INP)] = None,
+    template: Annotated[str | None, typer.Option(help="CSV prompt template with {column} placeholders.",
+                        rich_help_panel=INP)] = None,
+    id_column: Annotated[str | None, typer.Option(help="CSV column holding each row's id.",
+                         rich_help_panel=INP)] = None,
+    progress: Annotated[str | None, typer.Option(help="rich, plain or none (default rich on a terminal).",
+                        rich_help_panel=OUT)] = None,
+) -> None:
+    """Measure the server at rising concurrency (or arrival rates) and recommend a concurrency.
+
+    Each level warms up, then runs the same rows: success rate, errors by kind, latency mean/p50/p95/p99,
+    requests/s, output tokens/s, TTFT/TPOT with --stream, and the server's own gauges from /metrics. The
+    recommendation is the knee: the lowest level reaching 95% of the best throughput with every request ok
+    and every --slo met; `run --concurrency-from DIR/sweep.json` uses it.
+
+    Exit codes: 0 done, with a recommendation; 1 no level qualified, or the server became unreachable;
+    2 bad usage, config or input; 74 a report could not be written; 75 another sweep holds the directory;
+    130/143 interrupted (rerun the same command to resume).
+    """
+    from gptoss_batch.sweep import SweepSpec, make_plan, run_sweep
+
+    console = err_console()
+    flags = {
+        "base_url": base_url, "model": model, "api_key": api_key, "header": header or None, "route": route,
+        "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "param": param or None,
+        "stream": stream, "max_attempts": 1 if no_retries else max_attempts, "backoff_initial": backoff_initial,
+        "backoff_max": backoff_max, "max_retry_after": max_retry_after, "connect_timeout": connect_timeout,
+        "read_timeout": read_timeout, "request_timeout": request_timeout, "slo": slo or None,
+        "progress": progress, "metrics_url": metrics_url, "server_metrics": server_metrics,
+        "max_concurrency": max_concurrency,
+    }
+    try:
+        if no_retries and max_attempts is not None:
+            raise ConfigError("give --no-retries or --max-attempts, not both")
+        cfg, file_values = load_run_config(config, flags)
+        plan = make_plan(levels=levels, rates=rates, requests_per_level=requests_per_level, duration_s=duration,
+                         warmup=warmup, seed=seed, max_concurrency=cfg.max_concurrency)
+        options = InputOptions(
+            format=file_values.get("input_format", input_format) if input_format == "auto" else input_format,  # type: ignore[arg-type]
+            prompt_column=prompt_column or file_values.get("prompt_column"),
+            template=template or file_values.get("template"),
+            id_column=id_column or file_values.get("id_column"),
+        )
+        result = run_async(run_sweep, cfg, plan, SweepSpec(input, options, report_dir, overwrite), console)
+    except (ConfigError, InputError) as exc:
+        fail(console, str(exc), EXIT_USAGE)
+    except LockedError as exc:
+        fail(console, str(exc), EXIT_LOCKED)
+    except OutputError as exc:
+        fail(console, output_error_message(exc), EXIT_OUTPUT)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGINT) from None
+    raise typer.Exit(result.exit_code)
 
 
 def _register_sim() -> None:
