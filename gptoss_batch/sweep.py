@@ -291,17 +291,19 @@ def find_knee(records: Sequence[Mapping[str, Any]], slos: Mapping[str, float], m
     return rec
 
 
-def recommendation_sentence(rec: Mapping[str, Any] | None, mode: Mode, slos: Mapping[str, float] | None = None) -> str:
+def recommendation_sentence(rec: Mapping[str, Any] | None, mode: Mode,
+                            slos: Mapping[str, float] | None = None) -> str:
     """The recommendation in one sentence, for the terminal and the reports."""
     slos = rec["slos"] if rec is not None else (slos or {})
     slo_text = (" and within the SLOs (" + ", ".join(f"{k} p90 ≤ {_secs(v)}" for k, v in sorted(slos.items())) + ")"
                 if slos else "")
     if rec is None:
         return (f"No level can be recommended: every one had failed requests{' or missed an SLO' if slos else ''} "
-                "(see the errors column).")
+                f"(see the errors{' and SLOs columns' if slos else ' column'}).")
     share = f"{rec['share_of_best']:.0%}" if rec.get("share_of_best") is not None else "all"
-    best = ("the best measured" if rec["best_level"] == rec["level"]
-            else f"{share} of the best, {rec['best_ok_per_s']:.2f} req/s at {level_label(rec['best_level'], mode)}")
+    best_of = "the best of the levels within the SLOs" if slos else "the best measured"
+    best = (best_of if rec["best_level"] == rec["level"]
+            else f"{share} of {best_of}, {rec['best_ok_per_s']:.2f} req/s at {level_label(rec['best_level'], mode)}")
     if mode == "rate":
         return (f"Recommended rate: {rec['level']:g} requests/s, the lowest within {1 - KNEE_SHARE:.0%} of the best "
                 f"throughput ({rec['ok_per_s']:.2f} req/s done, {best}), every request ok{slo_text}, p95 latency "
@@ -351,9 +353,10 @@ def _has(figs: Sequence[Mapping[str, Any]], key: str) -> bool:
 Column = tuple[str, Callable[[Mapping[str, Any]], str]]
 
 
-def markdown_columns(figs: Sequence[Mapping[str, Any]], mode: Mode) -> list[Column]:
+def markdown_columns(figs: Sequence[Mapping[str, Any]], mode: Mode,
+                     slos: Mapping[str, float] | None = None) -> list[Column]:
     """The Markdown table's columns: the tutorial's four (concurrency, success rate, mean latency, req/s),
-    then ours; streaming and server-gauge columns only when something was measured."""
+    then ours; streaming and server-gauge columns only when something was measured, SLOs when given."""
     cols: list[Column] = [
         ("rate (req/s)" if mode == "rate" else "concurrency", lambda f: f"{f['level']:g}"),
         ("success rate", lambda f: _pct(f["success_rate"])),
@@ -377,14 +380,21 @@ def markdown_columns(figs: Sequence[Mapping[str, Any]], mode: Mode) -> list[Colu
     if mode == "rate":
         cols.append(("late arrivals", lambda f: str(f["arrivals_late"] or 0)))
     cols.append(("errors", lambda f: f["errors"] or "-"))
+    if slos:
+        cols.append(("SLOs", lambda f: _slo_verdict(f, slos)))
     return cols
+
+
+def _slo_verdict(fig: Mapping[str, Any], slos: Mapping[str, float]) -> str:
+    why = disqualified(fig, slos)
+    return "met" if why is None else why if "SLO" in why else "-"
 
 
 def markdown_table(doc: Mapping[str, Any]) -> str:
     """The levels as a Markdown table, the knee's level in bold."""
     figs = [figures(r) for r in doc["levels"]]
     knee = (doc.get("recommendation") or {}).get("level")
-    cols = markdown_columns(figs, doc["mode"])
+    cols = markdown_columns(figs, doc["mode"], doc["settings"].get("slos"))
     lines = ["| " + " | ".join(name for name, _ in cols) + " |",
              "|" + "|".join("---:" if i < len(cols) - 1 else "---" for i in range(len(cols))) + "|"]
     for f in figs:
@@ -453,6 +463,9 @@ def format_table(doc: Mapping[str, Any]) -> Table:
     if mode == "rate":
         cols.append(("late", lambda f: str(f["arrivals_late"] or 0)))
     cols.append(("errors", lambda f: f["errors"] or ""))
+    slos = doc["settings"].get("slos")
+    if slos:
+        cols.append(("SLOs", lambda f: _slo_verdict(f, slos)))
     for i, (name, _) in enumerate(cols):
         t.add_column(name, justify="left" if name == "errors" else "right", no_wrap=i < len(cols) - 1)
     t.add_column("")

@@ -422,6 +422,15 @@ def test_markdown_shows_streaming_and_rate_columns_only_when_they_apply() -> Non
     assert "late arrivals" in rate
 
 
+def test_markdown_says_which_levels_missed_an_slo() -> None:
+    doc = _doc([record(4, 20.0, p90=0.2), record(8, 39.5, p90=0.3), record(16, 40.0, p90=0.6)])
+    doc["settings"]["slos"] = {"latency": 0.5}
+    doc["recommendation"] = find_knee(doc["levels"], {"latency": 0.5}, "concurrency")
+    rows_ = _parse_markdown_table(to_markdown(doc))
+    assert [r["SLOs"] for r in rows_] == ["met", "met", "latency p90 600 ms is above the SLO of 500 ms"]
+    assert "within the SLOs (latency p90 ≤ 500 ms)" in doc["recommendation"]["sentence"]
+
+
 def test_run_concurrency_from_reads_the_knee_and_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     path = tmp_path / "sweep.json"
     path.write_bytes(orjson.dumps(_doc([record(4, 20.0), record(8, 39.5), record(16, 40.0)])))
@@ -625,6 +634,21 @@ def test_rate_mode_measures_each_arrival_rate(knee_sim: SimHandle, prompts: Path
     assert doc["recommendation"]["concurrency"] >= 1
     md = (tmp_path / "sweep.md").read_text()
     assert "| rate (req/s) | success rate | mean latency (s) | req/s |" in md and "TTFT p50 (s)" in md
+
+
+def test_duration_mode_measures_each_level_for_the_given_time(knee_sim: SimHandle, prompts: Path,
+                                                               tmp_path: Path) -> None:
+    proc = gptoss(*sweep_args(knee_sim, prompts, tmp_path, "--levels", "2,8", "--duration", "0.6", "--warmup", "0"),
+                  timeout=SWEEP_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = orjson.loads((tmp_path / "sweep.json").read_bytes())
+    for rec in doc["levels"]:
+        fig = figures(rec)
+        assert rec["planned_requests"] is None and rec["stop_reason"] == "--duration 0.6s reached"
+        # 0.6 s of sending, then the requests in flight finish (0.2 s each) and count
+        assert 0.6 <= fig["wall_s"] < 0.6 + 1.0
+        assert fig["requests"] >= 0.6 / 0.2 * rec["level"] * 0.5 and fig["success_rate"] == 1.0
+    assert len(read_jsonl(tmp_path / "levels.jsonl")) == sum(figures(r)["requests"] for r in doc["levels"])
 
 
 def _wait_for_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout_s: float) -> list[bytes]:
