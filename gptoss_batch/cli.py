@@ -440,6 +440,108 @@ def sweep(
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def chat(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)],
+    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
+                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Model name sent with the request.", rich_help_panel=REQ)] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
+                       rich_help_panel=CONN, show_default=False)] = None,
+    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
+                      "(repeatable).", rich_help_panel=CONN)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run's keys (flags win); "
+                      "the connection and request keys apply, the others are ignored.", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option(help="System message sent before the prompt.",
+                      rich_help_panel=REQ)] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="max_tokens for the answer.", rich_help_panel=REQ)] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.", rich_help_panel=REQ)] = None,
+    top_p: Annotated[float | None, typer.Option(help="top_p.", rich_help_panel=REQ)] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (value parsed "
+                     "as JSON when it can be), e.g. --param seed=7 (repeatable).", rich_help_panel=REQ)] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive (default), "
+                      "or the whole answer at the end.", rich_help_panel=REQ)] = True,
+    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
+                               rich_help_panel=CONN)] = None,
+    read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before the request fails "
+                            "(default: 60 when streaming, else the request timeout).", rich_help_panel=CONN)] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds for the whole request (default 300).",
+                               rich_help_panel=CONN)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Timing on stderr at the end (TTFT, output "
+                       "tokens, TPOT, tokens/s), and reasoning text on stderr as it arrives.")] = False,
+) -> None:
+    """Send one PROMPT and print the answer on stdout, token by token as it is generated.
+
+    Uses the same connection options, config file and environment as run, and one request (no retries:
+    text already printed cannot be taken back). Exit codes: 0 answered; 1 the request failed (the
+    reason on stderr); 2 bad usage or config; 130 interrupted.
+    """
+    import functools
+    import sys
+
+    from gptoss_batch.chat import chat_once, format_timing, read_prompt
+
+    console = err_console()
+    flags = {"base_url": base_url, "model": model, "api_key": api_key, "header": header or None,
+             "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "param": param or None,
+             "stream": stream, "connect_timeout": connect_timeout, "read_timeout": read_timeout,
+             "request_timeout": request_timeout}
+    try:
+        cfg, _ = load_run_config(config, flags)
+        text = read_prompt(prompt, sys.stdin)
+    except ConfigError as exc:
+        fail(console, str(exc), EXIT_USAGE)
+    out = _StdoutWriter()
+
+    def on_text(piece: str, reasoning: bool) -> None:
+        if not reasoning:
+            out.write(piece)
+        elif verbose:
+            console.print(piece, end="", style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        outcome = run_async(functools.partial(chat_once, cfg, text, system=system,
+                                              on_text=on_text if stream else None))
+    except KeyboardInterrupt:
+        out.end_line()
+        raise typer.Exit(EXIT_SIGINT) from None
+    if outcome.completion is not None and not stream:
+        out.write(outcome.completion.text)
+    out.end_line()
+    if outcome.error is not None:
+        fail(console, outcome.error.message, 1)
+    if verbose:
+        console.print(format_timing(outcome), style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
+class _StdoutWriter:
+    """Text to stdout, flushed per piece so it shows as it arrives; a closed pipe (``| head``) ends output
+    quietly instead of failing the request."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self._stdout = sys.stdout
+        self._closed = False
+        self._last = "\n"
+
+    def write(self, text: str) -> None:
+        if self._closed or not text:
+            return
+        try:
+            self._stdout.write(text)
+            self._stdout.flush()
+            self._last = text[-1]
+        except BrokenPipeError:
+            self._closed = True
+            # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stdout.fileno())
+
+    def end_line(self) -> None:
+        if self._last != "\n":
+            self.write("\n")
+
+
 def _register_sim() -> None:
     from gptoss_batch.sim.cli import register
 
