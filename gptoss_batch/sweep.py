@@ -284,6 +284,8 @@ def find_knee(records: Sequence[Mapping[str, Any]], slos: Mapping[str, float], m
         "level": knee["level"], "concurrency": concurrency, "ok_per_s": knee["ok_per_s"],
         "output_tokens_per_s": knee["output_tokens_per_s"], "latency_p95_s": knee["latency_p95_s"],
         "best_level": best["level"], "best_ok_per_s": best["ok_per_s"],
+        # False when a disqualified level (failures, SLOs) had more throughput than any qualifying one.
+        "best_overall": throughput(best) >= max(throughput(f) for f in figs),
         "share_of_best": round(throughput(knee) / throughput(best), 4) if throughput(best) else None,
         "slos": dict(slos),
     }
@@ -301,7 +303,8 @@ def recommendation_sentence(rec: Mapping[str, Any] | None, mode: Mode,
         return (f"No level can be recommended: every one had failed requests{' or missed an SLO' if slos else ''} "
                 f"(see the errors{' and SLOs columns' if slos else ' column'}).")
     share = f"{rec['share_of_best']:.0%}" if rec.get("share_of_best") is not None else "all"
-    best_of = "the best of the levels within the SLOs" if slos else "the best measured"
+    best_of = ("the best measured" if rec.get("best_overall", True)
+               else f"the best among the levels with every request ok{' and within the SLOs' if slos else ''}")
     best = (best_of if rec["best_level"] == rec["level"]
             else f"{share} of {best_of}, {rec['best_ok_per_s']:.2f} req/s at {level_label(rec['best_level'], mode)}")
     if mode == "rate":
@@ -646,7 +649,7 @@ def write_png(doc: Mapping[str, Any], path: str | Path) -> None:
         latency_p95_s=[f["latency_p95_s"] for f in figs], failed=[bool(f["failed"]) for f in figs],
         knee=float(knee) if knee is not None else None,
         x_label="arrival rate (requests/s)" if mode == "rate" else "concurrency (requests in flight)",
-        title=f"{st.get('model') or 'sweep'} at {st['base_url']}")
+        title=f"Sweep of {st.get('model') or 'the default model'} at {st['base_url']}")
 
 
 # -- running it -----------------------------------------------------------------------------------------

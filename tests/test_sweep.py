@@ -231,6 +231,13 @@ def test_knee_is_the_lowest_qualifying_level_within_5_percent_of_the_best(
         assert f"Recommended concurrency: {knee}," in rec["sentence"]
 
 
+def test_the_sentence_says_when_a_failing_level_was_faster() -> None:
+    rec = find_knee([record(4, 20.0), record(8, 39.0), record(16, 45.0, failed=3)], {}, "concurrency")
+    assert rec is not None and "the best among the levels with every request ok" in rec["sentence"]
+    rec = find_knee([record(4, 20.0), record(8, 39.0), record(16, 40.0)], {}, "concurrency")
+    assert rec is not None and "98% of the best measured, 40.00 req/s at 16" in rec["sentence"]
+
+
 def test_rate_mode_recommends_a_rate_and_a_concurrency_by_littles_law() -> None:
     recs = [record(r, r, p90=0.5, mode="rate") for r in (1.0, 2.0, 4.0)] + [record(8.0, 4.1, p90=3, mode="rate")]
     rec = find_knee(recs, {}, "rate")
