@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from benchmarks import transport
+from benchmarks import streaming, transport
 
 BENCHMARKS: list[tuple[str, Callable[[bool], str]]] = [
     ("transport", transport.markdown),
+    ("streaming", streaming.markdown),
 ]
 
 
