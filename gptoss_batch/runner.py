@@ -256,6 +256,8 @@ class Runner:
         """The shared waits before an attempt, cut short by a stop: the circuit breaker (one probe at a
         time to a server that seems down), then the rpm and tpm buckets. Returns the breaker's ticket when
         this attempt is its probe. The 429 cool-down comes last, in ``_process``, right before the send."""
+        if self.rpm is None and self.tpm is None and not self.breaker.is_open:
+            return None  # nothing to wait for: skip the cancel scope, the costliest step of a row otherwise
         probe: int | None = None
         with self._stoppable():
             try:
@@ -294,8 +296,9 @@ class Runner:
                 return None  # not written: a resumed run does the row
             probe = await self._gate(estimate)
             await self._acquire_slot()
-            with self._stoppable():
-                await self.cooldown.wait()
+            if self.cooldown.remaining_s() > 0:  # no cancel scope unless there is a pause to wait out
+                with self._stoppable():
+                    await self.cooldown.wait()
             if self.stopping:  # it stopped while this attempt waited: it is not sent
                 self.limiter.release()
                 self.breaker.release(probe)
