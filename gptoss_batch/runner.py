@@ -153,16 +153,27 @@ class Runner:
         where a read may block for a long time and must not freeze the event loop)."""
         t0 = self.clock()
         send, recv = anyio.create_memory_object_stream[Row](0)
+        # A file's rows come without blocking, so with nothing to await between rows (no pacer, no reorder
+        # buffer) each free worker takes the next row itself: the same backpressure as the stream, without
+        # its two event-loop hand-offs per row (about a third of the runner's own CPU per row).
+        direct = not threaded_reads and self.pace is None and self.admit is None
         async with anyio.create_task_group() as guards:
             guards.start_soon(self._drain_guard)
             if self.cfg.deadline_s is not None:
                 guards.start_soon(self._deadline, self.cfg.deadline_s)
             with self._work_scope:
                 async with anyio.create_task_group() as tg:
-                    for _ in range(self.cfg.worker_count):
-                        tg.start_soon(self._worker, recv.clone())
-                    recv.close()
-                    await self._produce(iter(rows), send, threaded_reads)
+                    if direct:
+                        send.close()
+                        recv.close()
+                        shared = iter(rows)
+                        for _ in range(self.cfg.worker_count):
+                            tg.start_soon(self._pull_worker, shared)
+                    else:
+                        for _ in range(self.cfg.worker_count):
+                            tg.start_soon(self._worker, recv.clone())
+                        recv.close()
+                        await self._produce(iter(rows), send, threaded_reads)
             guards.cancel_scope.cancel()  # the work is over: the guards have nothing left to guard
         self._outcome.wall_s = self.clock() - t0
         return self._outcome
@@ -197,6 +208,22 @@ class Runner:
         await self.sleep(seconds)
         self.stop(f"deadline of {seconds:g}s reached")
         self.abort()
+
+    async def _pull_worker(self, rows: Iterator[Row]) -> None:
+        """A worker that reads its next row itself from the iterator all workers share."""
+        while not self._stop.is_set():
+            try:
+                row = next(rows, None)
+            except InputError as exc:
+                self._outcome.input_error = exc
+                self.stop(f"input error: {exc}")
+                return
+            if row is None:
+                return
+            self.state.started += 1
+            result = await self._process(row)
+            if result is not None:
+                self._finish(result)
 
     async def _worker(self, recv: MemoryObjectReceiveStream[Row]) -> None:
         async with recv:
