@@ -116,18 +116,17 @@ def scan_output(path: str | Path, *, repair: bool = True) -> ScanResult:
             while block := f.read(SCAN_BLOCK_BYTES):
                 consumed += len(block)
                 data = carry + block
-                cut = data.rfind(b"\n")
-                body, carry = data[:cut], data[cut:]
-                lines = body.count(b"\n")
-                if not lines:
-                    continue
-                found = _OUR_LINE.findall(body)
-                if len(found) == lines:
-                    for key, status in found:
-                        latest[key.decode()] = status == b"ok"
-                    res.lines += lines
-                else:
-                    _scan_lines(body, res)
+                cut = data.rfind(b"\n")  # data[:cut] is a newline, then complete lines without their last newline
+                lines = data.count(b"\n", 0, cut)
+                if lines:
+                    found = _OUR_LINE.findall(data, 0, cut)
+                    if len(found) == lines:
+                        for key, status in found:
+                            latest[key.decode()] = status == b"ok"
+                        res.lines += lines
+                    else:
+                        _scan_lines(data[:cut], res)
+                carry = data[cut:]
         except OSError as exc:
             raise OutputError(f"{p}: cannot read the existing output: {_os_message(exc)}") from None
     torn = carry[1:]
