@@ -517,8 +517,8 @@ def chat(
     except KeyboardInterrupt:
         out.end_line()
         raise typer.Exit(EXIT_SIGINT) from None
-    if outcome.completion is not None and not stream:
-        out.write(outcome.completion.text)
+    if outcome.completion is not None and not out.wrote:
+        out.write(outcome.completion.text)  # --no-stream, or a server that answered a stream with plain JSON
     out.end_line()
     if outcome.error is not None:
         fail(console, outcome.error.message, 1)
@@ -536,10 +536,12 @@ class _StdoutWriter:
         self._stdout = sys.stdout
         self._closed = False
         self._last = "\n"
+        self.wrote = False
 
     def write(self, text: str) -> None:
         if self._closed or not text:
             return
+        self.wrote = True
         try:
             self._stdout.write(text)
             self._stdout.flush()

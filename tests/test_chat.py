@@ -8,8 +8,10 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -98,6 +100,36 @@ def test_a_stream_cut_midway_exits_1_with_the_reason(tmp_path: Path) -> None:
         proc = gptoss("chat", "hi", "--base-url", cut.base_url, "--max-tokens", "8")
     assert proc.returncode == 1
     assert "cut short" in proc.stderr.decode()
+
+
+class _JsonOnly(BaseHTTPRequestHandler):
+    """A server that ignores "stream": true and answers with one JSON body."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "plain answer"},
+                                          "finish_reason": "stop"}], "model": "m"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+def test_a_server_that_answers_a_stream_with_plain_json_still_gets_its_answer_printed() -> None:
+    with ThreadingHTTPServer(("127.0.0.1", 0), _JsonOnly) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            proc = gptoss("chat", "hi", "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1")
+        finally:
+            server.shutdown()
+            thread.join(timeout=5)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"plain answer\n"
 
 
 # -- the library ----------------------------------------------------------------------------------------
