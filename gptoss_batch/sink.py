@@ -138,8 +138,13 @@ def scan_output(path: str | Path, *, repair: bool = True) -> ScanResult:
 
 
 def _set_aside(p: Path, torn: bytes, keep_bytes: int) -> str:
-    aside = f"{p}.partial-{_stamp()}"
+    stamp = _stamp()
+    aside = f"{p}.partial-{stamp}"
     try:
+        for n in range(1, 1000):  # never over an earlier one
+            if not os.path.lexists(aside):
+                break
+            aside = f"{p}.partial-{stamp}-{n}"
         with open(aside, "xb") as out:
             out.write(torn)
             out.flush()

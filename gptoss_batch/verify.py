@@ -71,7 +71,7 @@ class OutputIndex:
 
 
 def _complete_lines(path: Path) -> Iterator[bytes]:
-    """Every complete line (newline included) in order; a torn tail is counted, not yielded."""
+    """Every complete line (without its newline) in order; a torn tail is counted, not yielded."""
     with path.open("rb") as f:
         rest = b""
         while block := f.read(READ_BLOCK_BYTES):
@@ -79,7 +79,8 @@ def _complete_lines(path: Path) -> Iterator[bytes]:
             cut = data.rfind(b"\n") + 1
             rest = data[cut:]
             if cut:
-                yield from data[:cut].splitlines(keepends=True)
+                # Split on newlines only, as the resume scan does (splitlines would also split on \r).
+                yield from data[:cut - 1].split(b"\n")
         if rest:
             raise _TornTail(len(rest))
 

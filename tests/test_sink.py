@@ -390,3 +390,22 @@ def test_index_counts_ok_lines_per_id(tmp_path: Path) -> None:
     write_lines(out, ok("a"), ok("a"), ok("a"), err("b"))
     idx = index_output(out)
     assert idx.lines == 4 and idx.final_line("a") == 2 and idx.final_line("b") == 3 and idx.final_line("c") is None
+
+
+def test_a_second_torn_line_from_the_same_second_gets_its_own_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sink_mod, "_stamp", lambda: "20260101T000000-1")
+    out = tmp_path / "out.jsonl"
+    write_lines(out, ok("a"), b'{"id":"b"')
+    first = scan_output(out).partial_path
+    write_lines(out, b'{"id":"c"')
+    second = scan_output(out).partial_path
+    assert first is not None and second is not None and first != second
+    assert (Path(first).read_bytes(), Path(second).read_bytes()) == (b'{"id":"b"', b'{"id":"c"')
+
+
+def test_verify_splits_lines_on_newlines_only(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    write_lines(out, ok("a"), b'{"id":"x\ry","status":"ok"}\n', ok("b"))
+    idx = index_output(out)
+    assert idx.lines == 2 and idx.corrupt_lines == 1 and idx.final_line("b") == 2
