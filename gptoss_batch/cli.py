@@ -118,6 +118,15 @@ def run(
                                rich_help_panel=LOAD)] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Upper bound for --concurrency auto (default 256).",
                                rich_help_panel=LOAD)] = None,
+    metrics_url: Annotated[str | None, typer.Option(help="--concurrency auto: the server's Prometheus page, read "
+                           "for its queue and KV-cache gauges (vLLM, SGLang, TGI, llama.cpp names; default: the "
+                           "base URL without /v1, plus /metrics).", rich_help_panel=LOAD, show_default=False)] = None,
+    server_metrics: Annotated[bool | None, typer.Option("--server-metrics/--no-server-metrics", help="--concurrency "
+                              "auto: use the server's /metrics (default on; skipped when it has none). Off, "
+                              "latency and errors decide alone.", rich_help_panel=LOAD)] = None,
+    log_controller: Annotated[str | None, typer.Option(help="--concurrency auto: append the controller's "
+                              "decisions to this JSONL file (time, limit, event, reason, the window measured), "
+                              "for plotting.", rich_help_panel=LOAD, metavar="FILE", show_default=False)] = None,
     rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.", rich_help_panel=LOAD)] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most (estimated before, corrected "
                    "with usage after).", rich_help_panel=LOAD)] = None,
@@ -194,7 +203,8 @@ def run(
         "base_url": base_url, "model": model, "api_key": api_key, "header": header or None, "route": route,
         "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "param": param or None,
         "stream": stream, "concurrency": concurrency, "min_concurrency": min_concurrency,
-        "max_concurrency": max_concurrency, "rpm": rpm, "tpm": tpm, "max_attempts": max_attempts,
+        "max_concurrency": max_concurrency, "metrics_url": metrics_url, "server_metrics": server_metrics,
+        "log_controller": log_controller, "rpm": rpm, "tpm": tpm, "max_attempts": max_attempts,
         "backoff_initial": backoff_initial, "backoff_max": backoff_max, "max_retry_after": max_retry_after,
         "unavailable_after": unavailable_after, "connect_timeout": connect_timeout, "read_timeout": read_timeout,
         "request_timeout": request_timeout, "deadline": deadline, "max_error_rate": max_error_rate,

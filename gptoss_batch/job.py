@@ -20,6 +20,7 @@ import anyio
 from rich.console import Console
 
 from gptoss_batch import __version__
+from gptoss_batch.adaptive import AdaptiveDriver, Pool
 from gptoss_batch.config import RunConfig, describe
 from gptoss_batch.errors import OutputError
 from gptoss_batch.inputs import InputOptions, InputSource, open_input
@@ -187,6 +188,11 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
         if total is not None:
             # With a known total, rows already done are known up front too (they are skipped on reading).
             runner.state.skipped = min(total, sum(1 for ok in scan.latest.values() if ok or not cfg.retry_failed))
+        # --concurrency auto: the controller's driver takes over the runner's limit from its first request.
+        driver = AdaptiveDriver(cfg, runner, transport if isinstance(transport, Pool) else None) \
+            if cfg.auto_concurrency else None
+        if driver is not None:
+            driver.attach()
         display = make_display(cfg.progress, console, runner.state)
         async with anyio.create_task_group() as tg:
             # Signals are watched until the summary is on disk: a Ctrl-C during the drain or while
@@ -196,6 +202,8 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
             try:
                 async with anyio.create_task_group() as ticking:
                     ticking.start_soon(_ticker, display)
+                    if driver is not None:
+                        ticking.start_soon(driver.run)
                     outcome = await runner.run(rows, threaded_reads=spec.input_path == "-")
                     ticking.cancel_scope.cancel()
             finally:
@@ -206,7 +214,8 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
                                "stop_reason": outcome.stop_reason,
                                # The client's own CPU for the run loop (read, build, send, parse, write,
                                # progress): what this tool costs per request, beside the server's time.
-                               "client_cpu_s": round(_cpu_s() - cpu0, 4)})
+                               "client_cpu_s": round(_cpu_s() - cpu0, 4),
+                               **({"adaptive": driver.summary()} if driver is not None else {})})
             tg.cancel_scope.cancel()
     if outcome.input_error is not None:
         raise outcome.input_error

@@ -116,6 +116,8 @@ class Runner:
         # Ordered output (sink.OrderedSink.admit): awaited before a row starts, so a bounded reorder
         # buffer can hold reading back instead of growing.
         self.admit: Callable[[Row], Awaitable[None]] | None = None
+        # Adaptive concurrency (adaptive.py): told of every attempt as (sent, answered, completion, error).
+        self.on_attempt: Callable[[float, float, Completion | None, TransportError | None], None] | None = None
 
     # -- control ---------------------------------------------------------------------------------
 

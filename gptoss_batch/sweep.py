@@ -30,7 +30,7 @@ from rich.table import Table
 
 from gptoss_batch import __version__
 from gptoss_batch.config import RunConfig
-from gptoss_batch.errors import ConfigError, InputError
+from gptoss_batch.errors import ConfigError, InputError, OutputError
 from gptoss_batch.inputs import InputOptions, open_input
 from gptoss_batch.job import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, TransportFactory, default_transport
 from gptoss_batch.metrics import MetricsPoller, TextGetter, metrics_url_for
@@ -619,9 +619,12 @@ class SweepStore:
 
     def save(self, doc: dict[str, Any]) -> None:
         """sweep.json (atomically), then the CSV and Markdown made from it."""
-        write_json_atomic(self.json_path, doc)
-        _write_text_atomic(self.dir / SWEEP_CSV, to_csv(doc))
-        _write_text_atomic(self.dir / SWEEP_MD, to_markdown(doc))
+        try:
+            write_json_atomic(self.json_path, doc)
+            _write_text_atomic(self.dir / SWEEP_CSV, to_csv(doc))
+            _write_text_atomic(self.dir / SWEEP_MD, to_markdown(doc))
+        except OSError as exc:
+            raise OutputError(f"{self.dir}: cannot write the sweep's reports: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.jsonl is not None:
