@@ -16,7 +16,6 @@ import typer
 
 from gptoss_batch.errors import ConfigError
 from gptoss_batch.sim.config import SimConfig
-from gptoss_batch.sim.server import run_server
 
 SERVE_SIM_HELP = """Serve a simulated vLLM (OpenAI-compatible API) for demos and tests.
 
@@ -67,6 +66,9 @@ def serve_sim(
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
+    # Imported here: the server pulls in aiohttp.web, which `gptoss-batch --help` should not pay for.
+    from gptoss_batch.sim.server import run_server
+
     try:
         run_server(config, host=host, port=port, port_file=port_file, on_listening=_announce)
     except OSError as exc:
