@@ -48,29 +48,38 @@ class SSEDecoder:
     standard ``event: error`` + ``data: ...``, and llama.cpp's non-standard ``error: {...}`` field.
     """
 
-    __slots__ = ("_buf", "_fresh")
+    __slots__ = ("_buf", "_state")
 
     def __init__(self) -> None:
         self._buf = b""
-        self._fresh = True
+        self._state = _FRESH
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if not self._buf and chunk[-2:] == b"\n\n" and chunk[:6] == b"data: ":
+        if not self._buf and not self._state and chunk[-2:] == b"\n\n" and chunk[:6] == b"data: ":
             # The hot path: a read that holds exactly one `data: {...}` event, as servers write them.
             payload = chunk[6:-2]
             if b"\n" not in payload and b"\r" not in payload:
-                self._fresh = False
                 return [payload]
+        if self._state and chunk:
+            if self._state == _AFTER_CR:
+                if chunk[:1] == b"\n":
+                    chunk = chunk[1:]  # the LF of a CRLF whose CR ended the previous read
+            else:  # the first bytes: a byte-order mark may start the stream, even split across reads
+                chunk = self._buf + chunk
+                self._buf = b""
+                if len(chunk) < 3 and _BOM.startswith(chunk):
+                    self._buf = chunk
+                    return []
+                if chunk[:3] == _BOM:
+                    chunk = chunk[3:]
+            self._state = 0
         buf = self._buf + chunk if self._buf else chunk
-        if self._fresh:
-            if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
-                self._buf = buf  # maybe the start of a byte-order mark
-                return []
-            self._fresh = False
-            if buf.startswith(b"\xef\xbb\xbf"):
-                buf = buf[3:]
         if b"\r" in buf:
-            buf = _normalise_newlines(buf)
+            # A CR ends a line at once (an event is never held back for the next read), and the LF that
+            # may follow it in that read is dropped. Safe on payloads: JSON text cannot hold a raw CR.
+            if buf[-1:] == b"\r":
+                self._state = _AFTER_CR
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n\n" not in buf:
             self._buf = buf
             return []
@@ -87,22 +96,19 @@ class SSEDecoder:
 
     def close(self) -> list[bytes]:
         """End of stream: the last event, when it lacked its blank line."""
-        tail = self._buf.rstrip(b"\r\n")
+        tail = self._buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip(b"\n")
+        if self._state == _FRESH and _BOM.startswith(tail):
+            tail = b""
         self._buf = b""
         events: list[bytes] = []
         if tail:
-            _parse_event(_normalise_newlines(tail), events)
+            _parse_event(tail, events)
         return events
 
 
-def _normalise_newlines(buf: bytes) -> bytes:
-    """``\\r\\n`` and lone ``\\r`` -> ``\\n``. A final ``\\r`` stays as it is: it may be half of a ``\\r\\n``.
-
-    Safe on the payloads too: JSON text cannot hold a raw CR.
-    """
-    if buf.endswith(b"\r"):
-        return buf[:-1].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + b"\r"
-    return buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+_BOM = b"\xef\xbb\xbf"
+_FRESH = 1  # SSEDecoder._state: nothing read yet (a BOM may come)
+_AFTER_CR = 2  # SSEDecoder._state: the last read ended with a CR (drop an LF that starts the next)
 
 
 def _parse_event(block: bytes, events: list[bytes]) -> None:

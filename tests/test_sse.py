@@ -193,6 +193,16 @@ def test_a_byte_order_mark_at_the_start_is_dropped_even_when_split() -> None:
     assert d.feed(b"\xbfdata: 1\n\n") == [b"1"]
 
 
+def test_an_event_whose_blank_line_ends_in_cr_is_not_held_back_for_the_next_read() -> None:
+    """Its CR ends the line (the spec), so the event goes out now; the LF of that CRLF is then skipped."""
+    d = SSEDecoder()
+    assert d.feed(b"data: a\r\n\r") == [b"a"]
+    assert d.feed(b"\ndata: b\r\n\r") == [b"b"]
+    assert d.feed(b"\n") == []
+    assert d.feed(b"data: c\r\r") == [b"c"]
+    assert d.feed(b"\n\ndata: d\n\n") == [b"d"]  # the first LF pairs with the CR, the second is a blank line
+
+
 def test_close_returns_a_last_event_without_its_blank_line_only_once() -> None:
     d = SSEDecoder()
     assert d.feed(b"data: 1\n\ndata: 2\r") == [b"1"]
