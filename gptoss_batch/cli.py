@@ -138,9 +138,10 @@ def run(
                            rich_help_panel=LOAD)] = None,
     max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
                                "(default 120).", rich_help_panel=LOAD)] = None,
-    unavailable_after: Annotated[float | None, typer.Option(help="End the run when every attempt has failed "
-                                 "with connection errors or 5xx for this many seconds (default 60).",
-                                 rich_help_panel=LOAD)] = None,
+    unavailable_after: Annotated[float | None, typer.Option(help="End the run (exit 1, resumable) when every "
+                                 "attempt has failed with connection errors, timeouts or 5xx for this many "
+                                 "seconds (default 60). Meanwhile the server gets one probe at a time, on the "
+                                 "backoff, not one retry per worker.", rich_help_panel=LOAD)] = None,
     connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
                                rich_help_panel=CONN)] = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails "

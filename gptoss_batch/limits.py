@@ -9,6 +9,7 @@ for the waits, the sleep) are parameters, so the rules are testable without slee
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -18,21 +19,34 @@ import anyio
 # the first wave after an outage already brings one failure per worker; an occasional flaky failure among
 # answers never reaches it (any answer resets the count).
 BREAKER_OPEN_AFTER_FAILURES = 3
+# Workers held back by a 429 pause go again spread over this share of the pause after it ends.
+COOLDOWN_SPREAD = 0.5
 
 
 class CoolDown:
-    """A shared pause. ``trip(s)`` extends it; ``wait()`` returns once it has passed."""
+    """A shared pause. ``trip(s)`` extends it; ``wait()`` returns once it has passed.
+
+    Whoever had to wait is let go at a random moment within ``spread`` times the pause after its end,
+    not all at the same instant: the workers a pause held back, released together, would be the very
+    burst an overloaded server has just refused (and would refuse again, pausing everyone again).
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+                 rand: Callable[[], float] = random.random, spread: float = COOLDOWN_SPREAD) -> None:
         self._clock = clock
         self._sleep = sleep
+        self._rand = rand
+        self.spread = spread
         self.until = 0.0
+        self.length_s = 0.0  # the hint that set the pause in force
         self.trips = 0
 
     def trip(self, seconds: float) -> None:
-        until = self._clock() + max(0.0, seconds)
+        now = self._clock()
+        until = now + max(0.0, seconds)
         if until > self.until:
+            self.length_s = until - now
             self.until = until
             self.trips += 1
 
@@ -43,6 +57,8 @@ class CoolDown:
         # Re-check after each sleep: another 429 may have extended the pause meanwhile.
         while (left := self.until - self._clock()) > 0:
             await self._sleep(left)
+            if self.until <= self._clock() and self.spread > 0:
+                await self._sleep(self._rand() * self.spread * self.length_s)
 
 
 class TokenBucket:

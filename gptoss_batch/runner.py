@@ -95,7 +95,7 @@ class Runner:
         self.run_number = run_number
         self.builder = BodyBuilder(cfg)
         self.limiter = anyio.CapacityLimiter(cfg.concurrency)
-        self.cooldown = CoolDown(clock=clock, sleep=sleep)
+        self.cooldown = CoolDown(clock=clock, sleep=sleep, rand=rand)
         self.rpm = TokenBucket(cfg.rpm, clock=clock) if cfg.rpm else None
         self.tpm = TokenBucket(cfg.tpm, clock=clock, burst=cfg.tpm / 6) if cfg.tpm else None
         self.state = RunState(limit=cfg.concurrency, started_at=clock())
@@ -361,11 +361,13 @@ class Runner:
                 return self._error_result(row, error.kind, error.message, status=error.status,
                                           attempts=attempt, latency_s=t1 - t0, log=tuple(log))
             wait, hint = retry_wait_s(error, attempt, policy, rand=self.rand, now=self.wall_clock())
-            if error.status == 429 or (hint is not None and error.status == 503):
-                # The server asked everyone to slow down: pause all workers, not just this one.
-                self.cooldown.trip(hint if hint is not None else wait)
             log.append(Attempt(error.kind, error.status, wait, error.message))
             self.state.retries += 1
+            if error.status == 429 or (hint is not None and error.status == 503):
+                # The server asked everyone to slow down: pause all workers, not just this one. This row
+                # waits in the pause too (in _process, before the send), released with the others.
+                self.cooldown.trip(hint if hint is not None else wait)
+                continue
             with self._stoppable():
                 await self.sleep(wait)
         return None  # unreachable: the loop returns on the last attempt
@@ -386,8 +388,8 @@ class Runner:
         if down is not None and now - down >= window and not self.stopping:
             since = time.strftime("%H:%M:%S", time.localtime(self.wall_clock() - (now - down)))
             self._outcome.unavailable = True
-            self.stop(f"server unreachable: every attempt since {since} ({now - self._down_since:.0f}s) "
-                      f"failed ({error.message})")
+            self.stop(f"server unreachable since {since}: no answer for {now - down:.0f}s "
+                      f"({self.state.attempts} attempts sent); last error: {error.message}")
 
     def _ok_result(self, row: Row, c: Completion, t0: float, t1: float, attempts: int,
                    log: tuple[Attempt, ...]) -> Result:
@@ -409,7 +411,12 @@ class Runner:
 
 
 def _estimate_tokens(body: bytes, row: Row, default_max_tokens: int | None) -> float:
-    """Prompt tokens by the 4-bytes-per-token rule of thumb, plus the requested output budget."""
-    max_tokens = row.payload.get("max_tokens", default_max_tokens)
-    out = max_tokens if isinstance(max_tokens, int) else 256
+    """Prompt tokens by the 4-bytes-per-token rule of thumb, plus the requested output budget.
+
+    Only --tpm uses it, and the bucket is settled with the server's own ``usage`` after each answer, so a
+    rough guess costs nothing but a little early slack. (tiktoken would guess closer, but it downloads its
+    vocabulary on first use: a surprise for a batch job on a closed network, so it is not used.)
+    """
+    max_tokens = row.payload.get("max_tokens", row.payload.get("max_completion_tokens", default_max_tokens))
+    out = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 256
     return math.ceil(len(body) / 4) + out

@@ -6,7 +6,9 @@ aiohttp/asyncio exception is translated to our error tree in ``_translate_errors
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator

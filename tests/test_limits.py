@@ -52,7 +52,7 @@ def test_cooldown_trip_extends_but_never_shortens_the_pause() -> None:
 @pytest.mark.anyio
 async def test_cooldown_wait_rechecks_after_an_extension() -> None:
     clock = FakeClock(now=0.0)
-    cd = CoolDown(clock=clock, sleep=clock.sleep)
+    cd = CoolDown(clock=clock, sleep=clock.sleep, spread=0.0)
     cd.trip(2)
     real_sleep = clock.sleep
 
@@ -64,6 +64,29 @@ async def test_cooldown_wait_rechecks_after_an_extension() -> None:
     cd._sleep = sleep_and_extend
     await cd.wait()
     assert clock.now == 5 and clock.sleeps == [2, 3]
+
+
+@pytest.mark.anyio
+async def test_cooldown_lets_its_waiters_go_spread_over_half_the_pause_after_it() -> None:
+    vt = VirtualTime(start=0.0)
+    cd = CoolDown(clock=vt, sleep=vt.sleep, rand=random.Random(3).random)
+    released: list[float] = []
+
+    async def main() -> None:
+        async def waiter() -> None:
+            await cd.wait()
+            released.append(vt.now)
+
+        cd.trip(4)
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(waiter)
+
+    await vt.run(main)
+    assert all(4.0 <= t <= 6.0 for t in released)
+    assert max(released) - min(released) > 1.5  # spread out, not one burst
+    await cd.wait()  # no pause in force: no wait at all
+    assert vt.now == max(released)
 
 
 # -- TokenBucket ---------------------------------------------------------------------------------
@@ -322,7 +345,9 @@ async def test_a_429_pauses_every_worker_for_the_hinted_time() -> None:
     (t429,) = hinted
     # Requests sent at the very instant the 429 arrived went out before it was read; after that, none.
     assert [t for t in server.sends if t429 + 1e-9 < t < t429 + 3.0] == []
-    assert any(t429 + 3.0 <= t < t429 + 3.1 for t in server.sends)  # and everyone resumes right after
+    # Then the 16 workers go again, spread over the next 1.5 s rather than in one burst.
+    resumed = sorted(t for t in server.sends if t >= t429 + 3.0)[:16]
+    assert resumed[-1] <= t429 + 4.5 and resumed[-1] - resumed[0] > 0.5
     (retried,) = [r for r in sink.results if r.attempts == 2]
     assert [(a.kind, a.status, a.wait_s) for a in retried.attempt_log] == [("http", 429, 3.0)]
 
