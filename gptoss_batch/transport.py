@@ -352,7 +352,11 @@ def _translate_errors(url: str, timeouts: Timeouts, stream: bool) -> Iterator[No
         raise TimeoutError_(f"request timeout: the attempt took longer than {timeouts.request_s:g}s "
                             f"({url}, --request-timeout)") from exc
     except aiohttp.ClientConnectorError as exc:
-        raise ConnectError(f"cannot connect to {url}: {exc.os_error.strerror or exc}") from exc
+        os_error = exc.os_error
+        # asyncio words a refusal "Connect call failed ('127.0.0.1', 8000)"; the errno says it better.
+        reason = (os.strerror(os_error.errno) if isinstance(os_error, ConnectionError) and os_error.errno
+                  else os_error.strerror or str(exc))
+        raise ConnectError(f"cannot connect to {url}: {reason}") from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise ConnectError(f"server disconnected before answering: {url}") from exc
     except aiohttp.ClientPayloadError as exc:
