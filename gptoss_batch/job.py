@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from rich.console import Console
@@ -42,8 +42,10 @@ from gptoss_batch.sink import (
     write_json_atomic,
 )
 from gptoss_batch.stats import SummaryBuilder
-from gptoss_batch.transport import AiohttpTransport
 from gptoss_batch.verify import summarize_output
+
+if TYPE_CHECKING:
+    from gptoss_batch.transport import AiohttpTransport
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -100,6 +102,9 @@ TransportFactory = Callable[[RunConfig], AbstractAsyncContextManager[Transport]]
 
 
 def default_transport(cfg: RunConfig) -> AiohttpTransport:
+    # Imported here: aiohttp is the largest import of the CLI, and `--help` or a bad flag never needs it.
+    from gptoss_batch.transport import AiohttpTransport
+
     return AiohttpTransport(cfg.base_url, api_key=cfg.api_key, headers=cfg.headers, timeouts=cfg.timeouts,
                             limit=cfg.worker_count)
 
