@@ -297,8 +297,38 @@ class StreamAccumulator:
         )
 
 
+class _IdleDeadline:
+    """A stream's read timeout (``--read-timeout``) at the cost of one float store per read.
+
+    aiohttp's ``sock_read`` cancels and re-arms a timer on every packet it receives: about 1.4 µs of a
+    streamed chunk's ~12 µs on the benchmark machine. This arms one timer; when it fires before the
+    stream has been idle long enough, it re-arms itself for the rest, so it runs about once per
+    ``limit_s``. When the stream has been idle that long it cancels ``scope``.
+    """
+
+    __slots__ = ("_handle", "_loop", "_scope", "last", "limit_s")
+
+    def __init__(self, limit_s: float, scope: anyio.CancelScope) -> None:
+        self.limit_s = limit_s
+        self.last = time.perf_counter()
+        self._scope = scope
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(limit_s, self._check)
+
+    def _check(self) -> None:
+        idle_s = time.perf_counter() - self.last
+        if idle_s >= self.limit_s:
+            self._scope.cancel()
+        else:
+            self._handle = self._loop.call_later(self.limit_s - idle_s, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 async def read_stream(chunks: AsyncIterator[bytes], route: Route, started: float,
-                      on_text: Callable[[str, bool], None] | None = None) -> Completion:
+                      on_text: Callable[[str, bool], None] | None = None,
+                      idle: _IdleDeadline | None = None) -> Completion:
     """Read an SSE response body to its end: a Completion, or StreamError/ProtocolError.
 
     Each read is timestamped the moment it is handed over (``iter_any`` returns whatever bytes have arrived,
@@ -313,9 +343,13 @@ async def read_stream(chunks: AsyncIterator[bytes], route: Route, started: float
     add = acc.add
     async for chunk in chunks:
         now = perf()
+        if idle is not None:
+            idle.last = now
         for event in decoder.feed(chunk):
             if add(event, now):
                 # The answer is complete: nothing that happens to the rest of the body can change it.
+                if idle is not None:
+                    idle.cancel()
                 with anyio.move_on_after(DONE_DRAIN_S), contextlib.suppress(Exception):
                     async for _ in chunks:
                         pass
@@ -397,9 +431,8 @@ class AiohttpTransport:
         self._timeout_plain = aiohttp.ClientTimeout(
             total=timeouts.request_s, sock_connect=timeouts.connect_s,
             sock_read=timeouts.read_timeout_s(False))
-        self._timeout_stream = aiohttp.ClientTimeout(
-            total=timeouts.request_s, sock_connect=timeouts.connect_s,
-            sock_read=timeouts.read_timeout_s(True))
+        # Streams keep their read timeout in an _IdleDeadline instead of aiohttp's sock_read (see there).
+        self._timeout_stream = aiohttp.ClientTimeout(total=timeouts.request_s, sock_connect=timeouts.connect_s)
 
     async def __aenter__(self) -> AiohttpTransport:
         connector = aiohttp.TCPConnector(
@@ -448,24 +481,40 @@ class AiohttpTransport:
         with _translate_errors(url, self.timeouts, stream):
             # TTFT counts from here: connecting (or waiting for a pooled connection) is part of it.
             started = time.perf_counter()
-            async with self._session.post(
-                url, data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
-            ) as resp:
-                if resp.status >= 400:
-                    raw = await resp.read()
-                    raise HTTPStatusError(
-                        f"HTTP {resp.status}: {error_message(raw, resp.status)}",
-                        status=resp.status, headers=dict(resp.headers))
-                ctype = resp.headers.get("Content-Type", "")
-                if stream and "text/event-stream" in ctype:
-                    return await read_stream(resp.content.iter_any(), route, started, on_text)
-                raw = await resp.read()
+            if not stream:
+                return await self._post(url, route, body, False, started, None, None)
+            with anyio.CancelScope() as scope:
+                idle = _IdleDeadline(self.timeouts.read_timeout_s(True), scope)
                 try:
-                    data = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    raise ProtocolError(
-                        f"response body is not valid JSON ({len(raw)} bytes, HTTP {resp.status})") from None
-                return parse_completion(data, route)
+                    return await self._post(url, route, body, True, started, on_text, idle)
+                finally:
+                    idle.cancel()
+            # Only the deadline cancels this scope: the same failure aiohttp's sock_read would raise.
+            raise aiohttp.SocketTimeoutError(f"no data for {idle.limit_s:g}s")
+
+    async def _post(self, url: str, route: Route, body: bytes, stream: bool, started: float,
+                    on_text: Callable[[str, bool], None] | None, idle: _IdleDeadline | None) -> Completion:
+        assert self._session is not None
+        async with self._session.post(
+            url, data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
+        ) as resp:
+            if idle is not None:
+                idle.last = time.perf_counter()  # the headers are data too
+            if resp.status >= 400:
+                raw = await resp.read()
+                raise HTTPStatusError(
+                    f"HTTP {resp.status}: {error_message(raw, resp.status)}",
+                    status=resp.status, headers=dict(resp.headers))
+            ctype = resp.headers.get("Content-Type", "")
+            if stream and "text/event-stream" in ctype:
+                return await read_stream(resp.content.iter_any(), route, started, on_text, idle)
+            raw = await resp.read()
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ProtocolError(
+                    f"response body is not valid JSON ({len(raw)} bytes, HTTP {resp.status})") from None
+            return parse_completion(data, route)
 
     async def get_text(self, url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """GET a side URL (``/metrics``, ``/health``); failures come back as our errors."""
@@ -473,3 +522,4 @@ class AiohttpTransport:
         with _translate_errors(url, self.timeouts, False):
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 return resp.status, await resp.text(errors="replace")
+

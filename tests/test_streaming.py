@@ -4,16 +4,19 @@ servers that ignore or refuse ``stream_options``."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from aiohttp import web
 
-from gptoss_batch.config import RunConfig
+from gptoss_batch.config import RunConfig, Timeouts
+from gptoss_batch.errors import TimeoutError_
 from gptoss_batch.records import Row
 from gptoss_batch.runner import Runner
 from gptoss_batch.sim.testing import SimHandle, start_sim
@@ -118,6 +121,50 @@ def test_a_stall_mid_stream_fails_the_attempt_at_the_read_timeout_without_text(t
     for r in lines:
         assert r["status"] == "error" and r["error"]["kind"] == "timeout" and "text" not in r
         assert 0.3 <= r["latency_s"] < 5
+
+
+# -- the read timeout of a stream -------------------------------------------------------------------------
+
+
+async def _paced(request: web.Request) -> web.StreamResponse:
+    """Chunks after the gaps (seconds) the X-Gaps header gives: "0.1,0.1,0.5"."""
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for gap in map(float, request.headers["X-Gaps"].split(",")):
+        await anyio.sleep(gap)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+    await resp.write(b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    return resp
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("gaps", "timed_out"), [
+    ("0.05,0.15,0.15,0.15,0.15", False),  # 0.65 s in all, no gap of 0.25 s: the deadline keeps moving
+    ("0.05,0.15,0.45", True),  # one gap of 0.45 s
+    ("0.45", True),  # nothing after the headers
+])
+async def test_a_stream_fails_only_when_one_gap_exceeds_the_read_timeout(gaps: str, timed_out: bool) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _paced)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        async with AiohttpTransport(base_url, headers=(("X-Gaps", gaps),),
+                                    timeouts=Timeouts(read_s=0.25)) as transport:
+            t0 = time.perf_counter()
+            try:
+                c = await transport.send("chat", b'{"messages": []}', stream=True)
+            except TimeoutError_ as exc:
+                assert timed_out, exc
+                assert "read timeout" in exc.message and "0.25s" in exc.message
+                assert time.perf_counter() - t0 < 0.25 + 0.05 + sum(map(float, gaps.split(",")))
+            else:
+                assert not timed_out and c.text == "x" * len(gaps.split(","))
+    finally:
+        await runner.cleanup()
 
 
 # -- stream_options: servers that ignore it or refuse it -------------------------------------------------
