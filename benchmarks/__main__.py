@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from benchmarks import adaptive, resume_scan, streaming, transport
+from benchmarks import adaptive, resilience, resume_scan, streaming, transport
 
 BENCHMARKS: list[tuple[str, Callable[[bool], str]]] = [
     ("transport", transport.markdown),
     ("streaming", streaming.markdown),
     ("resume_scan", resume_scan.markdown),
     ("adaptive", adaptive.markdown),
+    ("resilience", resilience.markdown),
 ]
 
 
