@@ -21,7 +21,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ class Plan:
     crash_s: float
 
 
-FULL = Plan(knees=(8, 32, 128), fixed_warmup_s=3.0, fixed_s=8.0, auto_s=45.0, crash_seeds=4, crash_s=25.0)
+FULL = Plan(knees=(8, 32, 128), fixed_warmup_s=3.0, fixed_s=8.0, auto_s=45.0, crash_seeds=4, crash_s=15.0)
 QUICK = Plan(knees=(8,), fixed_warmup_s=1.0, fixed_s=3.0, auto_s=16.0, crash_seeds=1, crash_s=10.0)
 
 
@@ -73,6 +73,11 @@ def sim_args(knee: int, *, metrics: bool = True, seed: int = 0, crash_above: int
 def auto_duration(plan: Plan, knee: int) -> float:
     # Slow start needs about six doublings from 4 to 128, each a few latencies of about a second.
     return plan.auto_s * (4 / 3 if knee >= 128 else 1.0)
+
+
+def crash_duration(plan: Plan, knee: int) -> float:
+    # Long enough for slow start and the first probes, where an overshoot would happen.
+    return plan.crash_s * (2.0 if knee >= 128 else 1.0)
 
 
 def rows() -> Iterator[Row]:
@@ -119,11 +124,12 @@ class RunStats:
 
 
 async def measure(base_url: str, concurrency: int | None, duration_s: float, measured_from_s: float,
-                  *, max_concurrency: int = 256) -> RunStats:
-    """Run rows for ``duration_s`` at a fixed ``concurrency`` (None: auto); measure from ``measured_from_s``."""
+                  *, max_concurrency: int = 256, log: Path | None = None) -> RunStats:
+    """Run rows for ``duration_s`` at a fixed ``concurrency`` (None: auto); measure from ``measured_from_s``.
+    ``log``: where an auto run writes its controller decisions."""
     flags: dict[str, Any] = {"base_url": base_url, "concurrency": "auto" if concurrency is None else concurrency,
                              "max_concurrency": max_concurrency, "progress": "none", "request_timeout": 120,
-                             "drain_timeout": 60}
+                             "drain_timeout": 60, "log_controller": str(log) if log is not None else None}
     cfg = build_config(flags, environ={})
     t0 = time.perf_counter()
     sink = _Recorder(t0)
@@ -204,8 +210,14 @@ class Report:
     wall_s: float = 0.0
 
 
-def run(plan: Plan, progress: Any = None) -> Report:
+def run(plan: Plan, progress: Any = None, log_dir: Path | None = None) -> Report:
     say = progress or (lambda _line: None)
+
+    def log(name: str) -> Path | None:
+        return log_dir / f"{name}.jsonl" if log_dir is not None else None
+
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     knees: list[KneeReport] = []
     for knee in plan.knees:
@@ -220,8 +232,8 @@ def run(plan: Plan, progress: Any = None) -> Report:
         for metrics in (True, False):
             with start_sim(*sim_args(knee, metrics=metrics)) as sim:
                 d = auto_duration(plan, knee)
-                s = anyio.run(measure, sim.base_url, None, d, d / 2)
                 name = "metrics" if metrics else "no metrics"
+                s = await_run(measure(sim.base_url, None, d, d / 2, log=log(f"knee{knee}-{name.replace(' ', '-')}")))
                 say(f"knee {knee}: auto ({name}): {s.output_tokens_per_s:.0f} tok/s, limit ~{s.limit_mean:.1f}, "
                     f"p95 {s.p95_latency_s:.3f}s")
                 autos[name] = s
@@ -234,7 +246,9 @@ def run(plan: Plan, progress: Any = None) -> Report:
             tripped, max_running, ok_shares = 0, 0, []
             for seed in range(plan.crash_seeds):
                 with start_sim(*sim_args(knee, metrics=metrics, seed=seed, crash_above=budget)) as sim:
-                    s = anyio.run(_measure_kw, sim.base_url, plan.crash_s, max_concurrency)
+                    d = crash_duration(plan, knee)
+                    s = await_run(measure(sim.base_url, None, d, d / 2, max_concurrency=max_concurrency,
+                                          log=log(f"crash-knee{knee}-metrics-{metrics}-seed{seed}")))
                     stats = sim.stats()
                 tripped += bool(stats["crashed"])
                 max_running = max(max_running, int(stats["max_running"]) + int(stats["max_waiting"]))
@@ -245,8 +259,11 @@ def run(plan: Plan, progress: Any = None) -> Report:
     return Report(plan, knees, crash, time.perf_counter() - t_start)
 
 
-async def _measure_kw(base_url: str, duration_s: float, max_concurrency: int) -> RunStats:
-    return await measure(base_url, None, duration_s, duration_s / 2, max_concurrency=max_concurrency)
+def await_run(coro: Coroutine[Any, Any, RunStats]) -> RunStats:
+    async def main() -> RunStats:
+        return await coro
+
+    return anyio.run(main)
 
 
 def format_markdown(report: Report) -> str:
@@ -278,7 +295,8 @@ def format_markdown(report: Report) -> str:
     p = report.plan
     out.append("")
     out.append(f"Fixed levels: {p.fixed_warmup_s:g} s warm-up + {p.fixed_s:g} s measured; auto: {p.auto_s:g} s "
-               f"({p.auto_s * 4 / 3:g} s for knee 128), settled = second half; crash runs: {p.crash_s:g} s each. "
+               f"({p.auto_s * 4 / 3:g} s for knee 128), settled = second half; crash runs: {p.crash_s:g} s each "
+               f"({2 * p.crash_s:g} s for knee 128). "
                f"Wall time {report.wall_s:.0f} s.")
     return "\n".join(out)
 
@@ -301,8 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="--concurrency auto against serve-sim knees and crash budgets.")
     parser.add_argument("--quick", action="store_true", help="knee 8 only, shorter runs, one crash seed")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
+    parser.add_argument("--logs", type=Path, metavar="DIR", help="keep each auto run's --log-controller JSONL here")
     args = parser.parse_args(argv)
-    report = run(QUICK if args.quick else FULL, progress=_stderr)
+    report = run(QUICK if args.quick else FULL, progress=_stderr, log_dir=args.logs)
     print(format_markdown(report))
     if args.json is not None:
         args.json.write_bytes(to_json(report))

@@ -13,8 +13,9 @@ throughput gain).
              finished request (ACK-clocked, as in TCP), while e >= E_GROW. When e falls below it, settle at
              the knee estimate ``throughput(now) * lpt(previous level)``: the concurrency that delivers the
              throughput just seen at the per-request speed seen one level below.
-    steady   hold, re-measuring; now and then probe PROBE_STEP higher and keep the probe only if e >= E_GROW
-             (probes back off exponentially while they fail). When latency per token inflates by INFLATION
+    steady   hold, re-measuring; now and then probe PROBE_STEP higher and keep the probe only if e >= E_GROW,
+             or (after an up-probe failed) lower, kept if the concurrency removed had e < E_SHRINK; probes
+             back off exponentially while they fail. When latency per token inflates by INFLATION
              at the same limit (the server slowed down or lost capacity), scale the limit by the throughput
              kept. An SLO whose p90 is broken caps the limit below the level that broke it.
     always   congestion (429/502/503/504, timeouts, resets) cuts the limit by CUT_FACTOR at once, at most
@@ -37,6 +38,9 @@ from typing import Any, Literal
 START_LIMIT = 4
 # Growth pays while the added concurrency turns into throughput at least this efficiently.
 E_GROW = 0.5
+# A down-probe is kept when the concurrency it took away carried less than this share of its throughput.
+# Lower than E_GROW: between the two the limit stays, so measurement noise does not walk it up and down.
+E_SHRINK = 0.25
 # Steady-state probe: this fraction of the limit higher (at least one more request). A failed probe halves
 # the step, down to PROBE_MIN_STEP: smaller steps drown in measurement noise.
 PROBE_STEP = 0.15
@@ -65,7 +69,7 @@ RAMP_PER_POLL = 1.25
 # Polls in a row showing a queue that end a ramp (one alone may be requests between two engine steps).
 RAMP_STOP_POLLS = 2
 # A window closes once this many requests started inside it have finished, and it lasted WINDOW_MIN_S.
-WINDOW_MIN_COMPLETIONS = 12
+WINDOW_MIN_COMPLETIONS = 20
 STARTUP_WINDOW_PER_LIMIT = 0.5
 WINDOW_PER_LIMIT = 1.0
 WINDOW_MIN_S = 0.5
@@ -374,8 +378,8 @@ class Controller:
                                 f"knee: {self._pct(m, prev)} throughput for +{m.limit / prev.limit - 1:.0%} "
                                 f"concurrency; {m.limit}→{knee}", "steady", m, {"efficiency": round(e, 3)})
         cap = self._growth_cap(now_s)
-        if self._recover_to and self.limit >= self._recover_to:
-            cap = min(cap, self.limit)
+        if self._recover_to:  # regrowing after congestion cuts: slow start only up to where they began
+            cap = min(cap, max(self.limit, self._recover_to))
         if self._kv_full() or self.limit >= cap:
             self.phase, self._prev = "steady", m
             self._open(now_s, settle=False)
@@ -434,7 +438,7 @@ class Controller:
         down = m.limit < base.limit
         # Down: the efficiency of the concurrency taken away. Kept when it carried less than its share.
         e = efficiency(m, base) if down else efficiency(base, m)
-        if e is not None and ((e < E_GROW) if down else (e >= E_GROW and not self._kv_full())):
+        if e is not None and ((e < E_SHRINK) if down else (e >= E_GROW and not self._kv_full())):
             self._probe_every, self._probe_step = 1, PROBE_STEP  # and the next probe goes the same way
             self.phase, self._prev = "steady", m
             self._open(now_s, settle=False)
