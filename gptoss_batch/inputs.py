@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from string import Formatter
-from typing import Any, BinaryIO, Final, Literal, cast
+from typing import Any, BinaryIO, Final, Literal, NoReturn, cast
 
 import orjson
 
+from .duplicates import IdCheck
 from .errors import ConfigError, InputError
 from .records import Route, Row
 
@@ -358,8 +359,8 @@ class InputSource:
     only once: ``check()`` and ``fingerprint()`` return None for it and its rows are validated as they stream.
     """
 
-    __slots__ = ("_detected_by", "_peeked", "_row_count", "_stream", "_used", "format", "name", "options",
-                 "path")
+    __slots__ = ("_detected_by", "_duplicates", "_peeked", "_row_count", "_stream", "_used", "format", "name",
+                 "options", "path")
 
     def __init__(self, path: str, fmt: ResolvedFormat, options: InputOptions, *,
                  stream: BinaryIO | None = None, peeked: list[bytes] | None = None,
@@ -372,6 +373,9 @@ class InputSource:
         self._peeked = peeked or []
         self._detected_by = detected_by
         self._row_count: int | None = None
+        # Line -> message for each duplicate id a completed check() found (kept with on_invalid="skip"),
+        # so the rows() pass after it flags them without remembering every id again.
+        self._duplicates: dict[int, str] = {}
         self._used = False
 
     def __repr__(self) -> str:
@@ -438,19 +442,46 @@ class InputSource:
             yield chain((first,), f) if first else iter(f)
 
     def _scan(self, *, emit: bool) -> Iterator[Row]:
+        # The check pass remembers ids in bounded memory (see duplicates.py); a pass after a completed check
+        # remembers none (the check's findings are in _duplicates); a pass without one (a stream, or rows()
+        # alone) keeps them in memory, since it cannot read the input again to confirm a candidate.
+        ids = IdCheck(spill=not self.single_pass) if not emit else None if self._row_count is not None \
+            else IdCheck(spill=False)
+        dups = self._duplicates if ids is None else {}
         if self.format == "csv":
-            return self._scan_csv(emit=emit)
-        return self._scan_json(emit=emit)
+            return self._scan_csv(emit=emit, ids=ids, dups=dups)
+        return self._scan_json(emit=emit, ids=ids, dups=dups)
+
+    def _finish_ids(self, ids: IdCheck) -> None:
+        """End of the check pass: the duplicates found among spilled ids fail it, or are kept for rows()."""
+        found = ids.finish(self._ids_at)
+        if found and self.options.on_invalid == "error":
+            raise InputError(self.name, found[0].line, found[0].message)
+        for dup in found:
+            self._duplicates[dup.line] = dup.message
+
+    def _ids_at(self, lines: set[int]) -> dict[int, str]:
+        """The explicit ids on ``lines``, read again: the duplicate check's confirmation pass."""
+        scan = self._scan_csv if self.format == "csv" else self._scan_json
+        return {row.line: row.id for row in scan(emit=True, ids=None, dups={})
+                if row.line in lines and row.explicit_id and row.invalid is None}
 
     def _no_rows(self) -> InputError:
         return InputError(self.name, None, f"{'input' if self.single_pass else 'file'} has no rows")
 
-    def _scan_json(self, *, emit: bool) -> Iterator[Row]:
+    def _scan_json(self, *, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> Iterator[Row]:
+        """``ids`` tracks explicit ids (derived ones are unique by construction); None: ``dups`` (line ->
+        message) already says which rows are duplicates."""
+        try:
+            yield from self._scan_json_rows(emit, ids, dups)
+        finally:
+            if ids is not None:
+                ids.close()
+
+    def _scan_json_rows(self, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> Iterator[Row]:
         parse = _parse_batch if self.format == "batch" else _parse_jsonl
         strict = self.options.on_invalid == "error"
         name = self.name
-        # Explicit ids only (derived ones are unique by construction), mapped to their first line.
-        seen: dict[str, int] = {}
         index = 0
         with self._lines() as lines:
             for lineno, raw in enumerate(lines, 1):
@@ -459,9 +490,11 @@ class InputSource:
                 try:
                     rid, payload, route = parse(raw)
                     if rid is not None:
-                        first = seen.setdefault(rid, lineno)
-                        if first != lineno:
-                            raise _Invalid(f"duplicate id {rid!r} (first seen on line {first})")
+                        if ids is not None:
+                            if (first := ids.add(rid, lineno)) is not None:
+                                self._duplicate(emit, lineno, rid, first)
+                        elif dups and lineno in dups:
+                            raise _Invalid(dups[lineno])
                 except _Invalid as exc:
                     if strict:
                         raise InputError(name, lineno, exc.message) from None
@@ -477,9 +510,26 @@ class InputSource:
         if index == 0:
             raise self._no_rows()
         if not emit:
+            if ids is not None:
+                self._finish_ids(ids)
             self._row_count = index
 
-    def _scan_csv(self, *, emit: bool, header_only: bool = False) -> Iterator[Row]:
+    def _duplicate(self, emit: bool, line: int, rid: str, first: int) -> NoReturn:
+        message = f"duplicate id {rid!r} (first seen on line {first})"
+        if not emit:
+            self._duplicates[line] = message  # for the rows() pass after this check (on_invalid="skip")
+        raise _Invalid(message)
+
+    def _scan_csv(self, *, emit: bool, ids: IdCheck | None, dups: dict[int, str],
+                  header_only: bool = False) -> Iterator[Row]:
+        try:
+            yield from self._scan_csv_rows(emit, ids, dups, header_only)
+        finally:
+            if ids is not None:
+                ids.close()
+
+    def _scan_csv_rows(self, emit: bool, ids: IdCheck | None, dups: dict[int, str],
+                       header_only: bool) -> Iterator[Row]:
         strict = self.options.on_invalid == "error"
         name = self.name
         # The first undecodable line of the record being read; csv.reader reads no further than the
@@ -499,7 +549,6 @@ class InputSource:
         if csv.field_size_limit() < CSV_FIELD_LIMIT_CHARS:
             csv.field_size_limit(CSV_FIELD_LIMIT_CHARS)
         plan: _CsvPlan | None = None
-        seen: dict[str, int] = {}
         index = 0
         end = 0  # the last physical line of the previous record
         with self._lines() as lines:
@@ -528,9 +577,11 @@ class InputSource:
                         prompt = plan.prompt(rec)
                         rid = rec[plan.id_index] if plan.id_index is not None else None
                         if rid:
-                            first = seen.setdefault(rid, start)
-                            if first != start:
-                                raise _Invalid(f"duplicate id {rid!r} (first seen on line {first})")
+                            if ids is not None:
+                                if (first := ids.add(rid, start)) is not None:
+                                    self._duplicate(emit, start, rid, first)
+                            elif dups and start in dups:
+                                raise _Invalid(dups[start])
                     except _Invalid as exc:
                         if strict:
                             raise InputError(name, lineno, exc.message) from None
@@ -551,10 +602,12 @@ class InputSource:
         if index == 0:
             raise self._no_rows()
         if not emit:
+            if ids is not None:
+                self._finish_ids(ids)
             self._row_count = index
 
     def _check_header(self) -> None:
-        for _ in self._scan_csv(emit=False, header_only=True):
+        for _ in self._scan_csv(emit=False, ids=None, dups={}, header_only=True):
             pass
 
 
