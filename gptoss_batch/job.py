@@ -183,9 +183,11 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
     skipped = [0, 0]
     rows = _filtered(source.rows(), scan, cfg.retry_failed, skipped) if scan.latest else source.rows()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    # Made before the clock starts: building it imports aiohttp, start-up rather than the run loop.
+    transport_cm = transport_factory(cfg)
     cpu0 = _cpu_s()
     signals: list[int] = []
-    async with transport_factory(cfg) as transport:
+    async with transport_cm as transport:
         runner = Runner(cfg, transport, sink, on_result=builder.add, run_number=run_number)
         if isinstance(sink, OrderedSink):
             runner.admit = sink.admit
