@@ -319,7 +319,8 @@ class Runner:
         route, body = self.builder.build(row)
         policy = self.cfg.retry
         log: list[Attempt] = []
-        estimate = _estimate_tokens(body, row, self.cfg.max_tokens)
+        # Only the tpm bucket needs it (charged before the send, settled after).
+        estimate = _estimate_tokens(body, row, self.cfg.max_tokens) if self.tpm is not None else 0.0
         for attempt in range(1, policy.max_attempts + 1):
             if self.stopping:
                 return None  # not written: a resumed run does the row
@@ -393,6 +394,11 @@ class Runner:
 
     def _ok_result(self, row: Row, c: Completion, t0: float, t1: float, attempts: int,
                    log: tuple[Attempt, ...]) -> Result:
+        if not c.chunk_times:  # not streamed: no timings to derive
+            return Result(
+                id=row.id, index=row.index, status="ok", text=c.text, finish_reason=c.finish_reason,
+                usage=c.usage, model=c.model, latency_s=t1 - t0, attempts=attempts,
+                concurrency=self.state.limit, attempt_log=log, run=self.run_number, reasoning=c.reasoning)
         timing: dict[str, Any] = {}
         if c.started_at is not None and c.chunk_times:
             # Streamed: the transport's perf_counter() times; t1 (same clock in a real run) ends the stream.
