@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,17 +38,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the tables, methods and machine as a Markdown document (BENCHMARKS.md)")
     args = parser.parse_args(argv)
     results = []
+    failed: list[str] = []
     allowed = os.sched_getaffinity(0)
     for name, run in BENCHMARKS:
         if args.only and name not in args.only:
             continue
         os.sched_setaffinity(0, allowed)  # a benchmark pins this process to one CPU; give the next all of them
-        text = run(args.quick)
+        try:
+            text = run(args.quick)
+        except Exception as exc:  # one failing benchmark must not lose the others' tables
+            traceback.print_exc()
+            text = f"**Failed**: {type(exc).__name__}: {exc}"
+            failed.append(name)
         results.append((name, run, text))
         print(f"## {name}\n\n{text}\n", flush=True)
     if args.write is not None:
         args.write.write_text(document.render(results, quick=args.quick))
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
