@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 10 on the lent GPU machine, inside ../shared/gpu/serve.sh (BASE_URL and MODEL are exported there).
+# One call runs the phases named as arguments, in order; results go to .gpu/work (carried between calls)
+# and come back as one tarball under $OUT (the device returns at most 8 files).
+#   sweep-low   sweep levels 4,6,8,12,32,64 (the tutorial's levels and beyond), streamed
+#   sweep-high  the same report directory, levels 96,128 (the baseline's peak)
+#   fixed6      run --concurrency 6 (the tutorial's recommendation) on the 600 fixed rows, 200 s deadline
+#   auto        run --concurrency auto on the same 600 rows
+#   fixed96     run --concurrency 96 on the same rows, for a side-by-side with auto
+set -u
+W=.gpu/work
+mkdir -p "$W"
+PY=${PY:-python3}
+COMMON=(--base-url "$BASE_URL" --model "$MODEL" --max-tokens 150 --temperature 0.7 --top-p 0.9 --stream
+        --progress plain)
+phase() { echo "=== phase $1 at $(date +%T)"; }
+for p in "$@"; do
+  case "$p" in
+    sweep-low)  phase "$p"; $PY -m gptoss_batch sweep sample_prompts/tutorial.jsonl --levels 4,6,8,12,32,64 \
+                  --report-dir "$W/sweep" "${COMMON[@]}" ;;
+    sweep-high) phase "$p"; $PY -m gptoss_batch sweep sample_prompts/tutorial.jsonl --levels 96,128 \
+                  --report-dir "$W/sweep" "${COMMON[@]}" ;;
+    fixed6)     phase "$p"; $PY -m gptoss_batch run sample_prompts/tutorial_600.jsonl -o "$W/fixed6.jsonl" \
+                  --concurrency 6 --deadline 200 "${COMMON[@]}" ;;
+    auto)       phase "$p"; $PY -m gptoss_batch run sample_prompts/tutorial_600.jsonl -o "$W/auto.jsonl" \
+                  --concurrency auto --log-controller "$W/auto_controller.jsonl" "${COMMON[@]}" ;;
+    fixed96)    phase "$p"; $PY -m gptoss_batch run sample_prompts/tutorial_600.jsonl -o "$W/fixed96.jsonl" \
+                  --concurrency 96 "${COMMON[@]}" ;;
+    *) echo "unknown phase $p"; exit 2 ;;
+  esac
+  echo "=== phase $p rc=$? at $(date +%T)"
+  tar czf "$OUT/work.tgz" -C .gpu work  # after every phase, so a timeout still brings back what was done
+done
