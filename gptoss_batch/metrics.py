@@ -58,75 +58,34 @@ def metrics_url_for(base_url: str) -> str:
 
 # -- parsing -----------------------------------------------------------------------------------------
 
-_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+def _families(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def _parse_labels(line: str, i: int) -> tuple[dict[str, str], int]:
-    """Parse ``{a="x",b="y"}`` starting at ``line[i] == "{"``; returns the labels and the index after ``}``."""
-    labels: dict[str, str] = {}
-    i += 1
-    n = len(line)
-    while i < n:
-        while i < n and line[i] in " ,":
-            i += 1
-        if i < n and line[i] == "}":
-            return labels, i + 1
-        eq = line.find("=", i)
-        if eq < 0 or eq + 1 >= n or line[eq + 1] != '"':
-            raise ValueError("bad label")
-        key = line[i:eq].strip()
-        j = eq + 2
-        value: list[str] = []
-        while j < n and line[j] != '"':
-            if line[j] == "\\" and j + 1 < n:
-                value.append(_ESCAPES.get(line[j + 1], "\\" + line[j + 1]))
-                j += 2
-            else:
-                value.append(line[j])
-                j += 1
-        if j >= n:
-            raise ValueError("unterminated label value")
-        labels[key] = "".join(value)
-        i = j + 1
-    raise ValueError("unterminated label set")
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, dict(sample.labels), float(sample.value)
 
 
 def iter_samples(text: str, names: frozenset[str] | set[str] | None = None
                  ) -> Iterator[tuple[str, dict[str, str], float]]:
-    """Every sample line of a Prometheus (or OpenMetrics) text page as ``(name, labels, value)``.
-
-    Comments, ``# HELP``/``# TYPE`` and malformed lines are skipped; an optional trailing timestamp is
-    ignored. With ``names``, other metrics are skipped before their labels are parsed.
+    """Every sample of a Prometheus text page as ``(name, labels, value)``, parsed by prometheus-client's
+    maintained parser (escapes, timestamps, NaN, exemplars). A page the parser rejects as a whole is read
+    line by line, so one malformed line costs only itself. With ``names``, only those metrics come back.
     """
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] == "#":
-            continue
-        brace = line.find("{")
-        space = line.find(" ")
-        if brace >= 0 and (space < 0 or brace < space):
-            name = line[:brace]
-            if names is not None and name not in names:
+    try:
+        samples = list(_families(text))
+    except ValueError:
+        samples = []
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                labels, end = _parse_labels(line, brace)
+                samples.extend(_families(line + "\n"))
             except ValueError:
                 continue
-            rest = line[end:].split()
-        else:
-            if space < 0:
-                continue
-            name = line[:space]
-            if names is not None and name not in names:
-                continue
-            labels, rest = {}, line[space:].split()
-        if not rest:
-            continue
-        try:
-            value = float(rest[0])
-        except ValueError:
-            continue
-        yield name, labels, value
+    for sample in samples:
+        if names is None or sample[0] in names:
+            yield sample
 
 
 def parse_gauges(text: str) -> dict[str, float]:
