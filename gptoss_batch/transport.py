@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import anyio
 import orjson
+from aiohttp.client_proto import ResponseHandler
 
 from gptoss_batch.body import rejects_stream_options, without_stream_options
 from gptoss_batch.config import Timeouts
@@ -36,6 +37,15 @@ _JSON = "application/json"
 # After [DONE], how long to wait for the end of the body before letting the connection go. Servers send it
 # at once; past a reconnect's cost, waiting longer gains nothing.
 DONE_DRAIN_S = 0.1
+# A server may close the connection the moment a streamed answer ends, while announcing keep-alive (llama.cpp's
+# llama-server does, after every stream). A request sent on that pooled connection before the close is seen
+# fails before any answer ("Can not write request body", "server disconnected"): against llama-server nearly
+# every streamed request failed once, and came back after a backoff. So a session learns it: its first streamed
+# answers are watched for a moment each, and a close seen behind one (or a streamed request failing that way)
+# ends connection reuse for the session; a fresh connection costs little next to a generation. Only the first
+# few are watched, so a keep-alive limit ("max=100") closing a connection now and then changes nothing.
+STREAMS_WATCHED_FOR_CLOSE = 8
+CLOSE_WATCH_S = 0.001  # the close comes right behind the last chunk: one event-loop turn sees about half
 
 
 class SSEDecoder:
@@ -171,10 +181,25 @@ def error_message(body: bytes, status: int | None = None) -> str:
             return str(err["message"])[:500]
         if isinstance(err, str) and err:
             return err[:500]
+        if isinstance(data.get("detail"), list):
+            return _validation_errors(data["detail"])[:500]
         for key in ("message", "detail"):
             if data.get(key):
                 return str(data[key])[:500]
     return (body.decode("utf-8", "replace").strip()[:500]) or f"HTTP {status}"
+
+
+def _validation_errors(items: list[Any]) -> str:
+    """FastAPI's 422 ``{"detail": [{"loc": ["body", ...], "msg": ...}, ...]}`` (transformers serve and other
+    FastAPI servers) as "where: what; ...", instead of a Python list repr."""
+    parts = []
+    for item in items:
+        if isinstance(item, dict) and item.get("msg"):
+            loc = ".".join(str(x) for x in item.get("loc") or ())
+            parts.append(f"{loc}: {item['msg']}" if loc else str(item["msg"]))
+        else:
+            parts.append(orjson.dumps(item).decode())
+    return "; ".join(parts) or "validation error"
 
 
 def parse_completion(data: Any, route: Route) -> Completion:
@@ -365,6 +390,13 @@ async def read_stream(chunks: AsyncIterator[bytes], route: Route, started: float
     return acc.result()
 
 
+def _closed_before_answering(exc: ConnectError) -> bool:
+    """The server closed a connection we were sending on (not: refused to connect)."""
+    cause = exc.__cause__
+    return isinstance(cause, aiohttp.ServerDisconnectedError) or (
+        isinstance(cause, aiohttp.ClientOSError) and not isinstance(cause, aiohttp.ClientConnectorError))
+
+
 @contextmanager
 def _translate_errors(url: str, timeouts: Timeouts, stream: bool) -> Iterator[None]:
     """Map aiohttp/asyncio exceptions to our tree, most specific first, always with a message."""
@@ -428,6 +460,8 @@ class AiohttpTransport:
         self._session: aiohttp.ClientSession | None = None
         # Set once the server rejected stream_options: it is left out for the rest of the session.
         self._drop_stream_options = False
+        # Streamed answers still to watch for the server closing behind them (see STREAMS_WATCHED_FOR_CLOSE).
+        self._streams_to_watch = STREAMS_WATCHED_FOR_CLOSE
         self._timeout_plain = aiohttp.ClientTimeout(
             total=timeouts.request_s, sock_connect=timeouts.connect_s,
             sock_read=timeouts.read_timeout_s(False))
@@ -467,6 +501,10 @@ class AiohttpTransport:
             body = without_stream_options(body) or body
         try:
             return await self._send(route, body, stream, on_text)
+        except ConnectError as exc:
+            if stream and self._streams_to_watch and _closed_before_answering(exc):
+                self._stop_reusing_connections()  # a close the watch missed (see STREAMS_WATCHED_FOR_CLOSE)
+            raise
         except HTTPStatusError as exc:
             stripped = without_stream_options(body) if stream else None
             if stripped is None or not rejects_stream_options(exc.status, exc.message):
@@ -507,7 +545,12 @@ class AiohttpTransport:
                     status=resp.status, headers=dict(resp.headers))
             ctype = resp.headers.get("Content-Type", "")
             if stream and "text/event-stream" in ctype:
-                return await read_stream(resp.content.iter_any(), route, started, on_text, idle)
+                # The protocol, not the connection: aiohttp detaches that from it once the body has been read.
+                protocol = resp.connection.protocol if self._streams_to_watch and resp.connection else None
+                completion = await read_stream(resp.content.iter_any(), route, started, on_text, idle)
+                if protocol is not None:
+                    await self._watch_for_close(protocol)
+                return completion
             raw = await resp.read()
             try:
                 data = orjson.loads(raw)
@@ -515,6 +558,20 @@ class AiohttpTransport:
                 raise ProtocolError(
                     f"response body is not valid JSON ({len(raw)} bytes, HTTP {resp.status})") from None
             return parse_completion(data, route)
+
+    async def _watch_for_close(self, protocol: ResponseHandler) -> None:
+        """After a streamed answer: did the server close the connection right behind it? One seen is enough:
+        the server that does it does it every time."""
+        self._streams_to_watch = max(0, self._streams_to_watch - 1)
+        await anyio.sleep(CLOSE_WATCH_S)
+        if not protocol.is_connected():
+            self._stop_reusing_connections()
+
+    def _stop_reusing_connections(self) -> None:
+        self._streams_to_watch = 0
+        connector = self._session.connector if self._session is not None else None
+        if isinstance(connector, aiohttp.TCPConnector):
+            connector._force_close = True  # no public setter; aiohttp reads it on each release
 
     async def get_text(self, url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """GET a side URL (``/metrics``, ``/health``); failures come back as our errors."""
