@@ -21,8 +21,15 @@ venv: $(STAMP) ## Create .venv and install the package with its dev tools
 demo: $(STAMP) ## Start the embedded server, run sample_prompts/ through it, print the summary
 	$(BIN)/python scripts/demo.py
 
+demo-real: $(STAMP) ## The same through llama.cpp's llama-server and Gemma 3 270M (.venv-real; first build ~20 min)
+	$(BIN)/python -m scripts.demo_real
+
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-real: $(STAMP) ## End-to-end tests against real llama-server and transformers serve (installs .venv-real)
+	$(BIN)/python -m scripts.real_servers install all
+	$(BIN)/python -m pytest -q -m e2e tests/e2e --durations=5
 
 lint: $(STAMP) ## ruff + mypy --strict
 	$(BIN)/ruff check gptoss_batch tests benchmarks scripts
@@ -44,4 +51,4 @@ bench-guidellm: ## Install guidellm (a peer in the pipeline benchmark; torch inc
 clean: ## Remove the virtualenvs and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-.PHONY: help venv demo test lint bench bench-quick bench-guidellm clean
+.PHONY: help venv demo demo-real test test-real lint bench bench-quick bench-guidellm clean
