@@ -33,7 +33,8 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
 
 @pytest.fixture(scope="session")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """transformers serve --continuous-batching with a tiny random Llama made for the session."""
+    """transformers serve --continuous-batching with a tiny random Llama made for the session. Not warmed up:
+    the first test's first request also waits for the continuous-batching manager to start (6-20 s here)."""
     _require("transformers")
     model = make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
     with start_transformers_serve(model, log_dir=tmp_path_factory.mktemp("transformers-serve")) as server:

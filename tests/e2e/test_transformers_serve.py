@@ -89,17 +89,15 @@ def test_another_model_name_is_a_clear_error_line_naming_the_pinned_model(hf: Se
 
 
 def test_a_prompt_longer_than_the_models_positions_is_answered_not_refused(hf: ServerHandle, tmp_path: Path) -> None:
-    """transformers serve checks no context length: the row ends as one ok line, the server counting every
-    prompt token. The tool's part is to end the row either way, without hanging or retrying."""
+    """transformers serve checks no context length (unlike llama-server): the row is one ok line, the server
+    counting every prompt token. Nothing for the client to catch; docs/servers.md says so."""
     inp = write_prompts(tmp_path / "in.jsonl", [{"id": "long", "prompt": "fox " * (4 * TINY_MAX_POSITIONS)}])
     out = tmp_path / "out.jsonl"
-    proc = run(hf, inp, out, "--route", "completions", "--max-tokens", "4", "--request-timeout", "120")
+    proc = run(hf, inp, out, "--route", "completions", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stderr.decode()
     [line] = results(out)
-    assert line["attempts"] == 1
-    if proc.returncode == 0:
-        assert line["usage"]["prompt_tokens"] > TINY_MAX_POSITIONS
-    else:
-        assert line["status"] == "error" and line["error"]["message"]
+    assert line["status"] == "ok" and line["attempts"] == 1
+    assert line["usage"]["prompt_tokens"] > TINY_MAX_POSITIONS
 
 
 def test_concurrency_auto_runs_without_metrics_on_latency_alone(hf: ServerHandle, tmp_path: Path) -> None:
