@@ -20,6 +20,7 @@ import aiohttp
 import anyio
 import orjson
 from aiohttp.client_proto import ResponseHandler
+from yarl import URL
 
 from gptoss_batch.body import rejects_stream_options, without_stream_options
 from gptoss_batch.config import Timeouts
@@ -462,9 +463,14 @@ class AiohttpTransport:
         self._drop_stream_options = False
         # Streamed answers still to watch for the server closing behind them (see STREAMS_WATCHED_FOR_CLOSE).
         self._streams_to_watch = STREAMS_WATCHED_FOR_CLOSE
+        # Parsed once: aiohttp takes a URL object as it is, and parses a string again on every request.
+        self._urls = {route: URL(self.base_url + path) for route, path in ROUTE_PATHS.items()}
+        # A read timeout no shorter than the whole attempt's can never fire first (the default): leaving it
+        # out spares aiohttp re-arming a timer on every packet it receives.
+        read_s = timeouts.read_timeout_s(False)
         self._timeout_plain = aiohttp.ClientTimeout(
             total=timeouts.request_s, sock_connect=timeouts.connect_s,
-            sock_read=timeouts.read_timeout_s(False))
+            sock_read=read_s if read_s < timeouts.request_s else None)
         # Streams keep their read timeout in an _IdleDeadline instead of aiohttp's sock_read (see there).
         self._timeout_stream = aiohttp.ClientTimeout(total=timeouts.request_s, sock_connect=timeouts.connect_s)
 
@@ -534,7 +540,7 @@ class AiohttpTransport:
                     on_text: Callable[[str, bool], None] | None, idle: _IdleDeadline | None) -> Completion:
         assert self._session is not None
         async with self._session.post(
-            url, data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
+            self._urls[route], data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
         ) as resp:
             if idle is not None:
                 idle.last = time.perf_counter()  # the headers are data too
