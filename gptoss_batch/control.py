@@ -38,6 +38,11 @@ from typing import Any, Literal
 START_LIMIT = 4
 # Growth pays while the added concurrency turns into throughput at least this efficiently.
 E_GROW = 0.5
+# Slow start past the knee: a step whose throughput gain is at least this share is kept (a soft knee);
+# below it the limit goes back to the knee that Little's law gives from the lower level's latency.
+SOFT_KNEE_GAIN = 0.12
+# ... and the step's efficiency at least this (below it the gain is within noise of a flat knee).
+SOFT_KNEE_MIN_E = 0.2
 # A down-probe is kept when the concurrency it took away carried less than this share of its throughput.
 # Lower than E_GROW: between the two the limit stays, so measurement noise does not walk it up and down.
 E_SHRINK = 0.25
@@ -372,6 +377,14 @@ class Controller:
             return self._hold(now_s, m, "input-bound: fewer requests in flight than the limit")
         e = efficiency(prev, m) if prev is not None and m.limit > prev.limit else None
         if prev is not None and e is not None and e < E_GROW:
+            if e >= SOFT_KNEE_MIN_E and m.output_tokens_per_s >= prev.output_tokens_per_s * (1 + SOFT_KNEE_GAIN):
+                # A soft knee (real GPUs: throughput still rising, slowly): the step paid in throughput, so
+                # keep it and let steady-state probing decide; going back would give the gain away.
+                self.phase, self._prev = "steady", m
+                self._open(now_s, settle=False)
+                return self._hold(now_s, m, f"soft knee: {self._pct(m, prev)} throughput for "
+                                            f"+{m.limit / prev.limit - 1:.0%} concurrency; holding {m.limit}",
+                                  {"efficiency": round(e, 3)})
             knee = self._clamp(min(m.limit, max(prev.limit, round(m.output_tokens_per_s * prev.lpt_s))))
             self._prev = None
             return self._change(now_s, knee, "knee",

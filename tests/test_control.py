@@ -246,3 +246,14 @@ def test_settings_are_validated() -> None:
         Controller(Settings(min_limit=0), 0.0)
     assert Controller(Settings(min_limit=10, max_limit=20), 0.0).limit == 10
     assert Controller(Settings(max_limit=2), 0.0).limit == 2
+
+
+
+def test_a_soft_knee_keeps_the_step_that_still_paid_in_throughput() -> None:
+    """The H100 serving a GPT-OSS-20B-shaped model (issue 10): throughput kept rising past 55 in flight (+19% at
+    101), and going back to the Little's-law knee (65) gave away 13% of the best level's throughput."""
+    server = Server(max_num_seqs=96, decode_slope=1 / 64)
+    trace = run_loop(server, Settings(max_limit=256), 90.0, metrics=False)
+    best = fixed(server, 128)
+    assert trace.tokens_per_s(60, 90) >= 0.9 * best.tokens_per_s(10, 30)  # 0.81 before the soft-knee rule
+    assert settled(trace, 60, 90) <= 128
