@@ -7,6 +7,7 @@
 #   fixed6      run --concurrency 6 (the tutorial's recommendation) on the 600 fixed rows, 200 s deadline
 #   auto        run --concurrency auto on the same 600 rows
 #   fixed96     run --concurrency 96 on the same rows, for a side-by-side with auto
+#   auto-long   run --concurrency auto on 1,200 rows (the 600 twice), long enough to see it settle
 set -u
 W=.gpu/work
 mkdir -p "$W"
@@ -26,6 +27,11 @@ for p in "$@"; do
                   --concurrency auto --log-controller "$W/auto_controller.jsonl" "${COMMON[@]}" ;;
     fixed96)    phase "$p"; $PY -m gptoss_batch run sample_prompts/tutorial_600.jsonl -o "$W/fixed96.jsonl" \
                   --concurrency 96 "${COMMON[@]}" ;;
+    auto-long)  phase "$p"; $PY -c 'import sys; rows = open("sample_prompts/tutorial_600.jsonl").read().splitlines()
+sys.stdout.write("".join(r.replace("\"id\": \"r", "\"id\": \"b" if i >= 600 else "\"id\": \"r") + "\n"
+                         for i, r in enumerate(rows + rows)))' > "$W/rows1200.jsonl"
+                $PY -m gptoss_batch run "$W/rows1200.jsonl" -o "$W/auto_long.jsonl" --concurrency auto \
+                  --log-controller "$W/auto_long_controller.jsonl" "${COMMON[@]}" ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
   echo "=== phase $p rc=$? at $(date +%T)"
