@@ -141,7 +141,11 @@ class Result:
 
     @property
     def output_tokens(self) -> int:
-        return self.usage.completion_tokens if self.usage else 0
+        """From ``usage``; for a stream without usage, the chunks counted (kept in ``extra``)."""
+        if self.usage is not None:
+            return self.usage.completion_tokens
+        counted = self.extra.get("output_tokens")
+        return counted if isinstance(counted, int) else 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "index": self.index, "status": self.status}
@@ -206,6 +210,8 @@ class Result:
             tpot_s=opt_float("tpot_s"),
             itl_s=itl if isinstance(itl, dict) else None,
             output_tokens_source=raw.get("output_tokens_source"),
+            # Counted chunks of a stream without usage: kept so resumed summaries count them too.
+            extra={"output_tokens": raw["output_tokens"]} if isinstance(raw.get("output_tokens"), int) else {},
             concurrency=conc if isinstance(conc, int) else None,
             run=run if isinstance(run, int) else None,
             reasoning=raw.get("reasoning"),

@@ -162,13 +162,10 @@ class SummaryBuilder:
         if r.concurrency is not None:
             self.concurrency[r.concurrency] += 1
         self.latency.add(r.latency_s)
+        # From usage, or a stream's counted chunks when the server sent no usage.
+        self.output_tokens += r.output_tokens
         if r.usage is not None:
-            self.output_tokens += r.usage.completion_tokens
             self.prompt_tokens += r.usage.prompt_tokens
-        elif r.output_tokens_source == "chunks":
-            # A stream without usage (the server ignored or refused stream_options): its counted chunks.
-            counted = r.extra.get("output_tokens")
-            self.output_tokens += counted if isinstance(counted, int) else 0
         if r.ttft_s is not None:
             self.ttft.add(r.ttft_s)
         if r.tpot_s is not None:

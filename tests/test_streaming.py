@@ -241,3 +241,12 @@ async def test_a_400_about_something_else_is_not_resent_without_stream_options()
     (r,) = sink.results
     assert r.status == "error" and r.error is not None and r.error.status == 400
     assert len(server.bodies) == 1
+
+
+def test_chunk_counted_tokens_survive_the_jsonl_round_trip() -> None:
+    """A resumed run or `gptoss-batch summary` counts tokens of streams that came without usage."""
+    from gptoss_batch.records import Result
+
+    r = Result(id="a", index=0, status="ok", text="x", output_tokens_source="chunks", extra={"output_tokens": 7})
+    back = Result.from_line(r.to_line())
+    assert back.output_tokens == 7 and back.output_tokens_source == "chunks"
