@@ -37,7 +37,7 @@ lint: $(STAMP) ## ruff + mypy --strict
 
 GUIDELLM := .bench/guidellm/bin/guidellm
 
-bench: $(STAMP) ## Run every benchmark (~30 min), print the tables and rewrite BENCHMARKS.md
+bench: $(STAMP) ## Run every benchmark (~40 min), print the tables and rewrite BENCHMARKS.md
 	@test -x $(GUIDELLM) || $(MAKE) bench-guidellm || echo "guidellm could not be installed: BENCHMARKS.md will say so"
 	$(BIN)/python -m benchmarks --write BENCHMARKS.md
 

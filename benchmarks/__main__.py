@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append((name, run, text))
         print(f"## {name}\n\n{text}\n", flush=True)
     if args.write is not None:
-        args.write.write_text(document.render(results, quick=args.quick))
+        # With --only, the other sections of an existing document are kept as they were.
+        previous = args.write.read_text() if args.only and args.write.exists() else None
+        args.write.write_text(document.render(results, quick=args.quick, previous=previous))
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -2,11 +2,13 @@
 (``python -m benchmarks --write BENCHMARKS.md``), so the document cannot drift from the code that measures.
 
 Each section's method is its module's docstring (the part before the usage line); the goal lines that the
-benchmarks print (``- Goal ...``) are gathered at the top.
+benchmarks print (``- Goal ...``) are gathered at the top. ``--only NAME --write BENCHMARKS.md`` refreshes
+those sections of an existing document and keeps the others as they were (each section is dated).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -32,8 +34,8 @@ INTRO = """\
 gptoss-batch exists to keep an inference server busy, so the client must never be the bottleneck: what
 it costs per request, per streamed chunk, per row held in memory and per invocation is measured here,
 side by side with what a user would write or install instead. Regenerate this file with `make bench`
-(about half an hour; `make bench-quick` is a one-minute smoke run that prints the tables without writing
-this file).
+(about 40 minutes on two cores, guidellm included; `make bench-quick` is a short smoke run that prints
+the tables without writing this file).
 
 **How to read the numbers.** Every benchmark starts its own "instant" OpenAI-compatible server on
 loopback (nginx answering a fixed completion or SSE stream, else a minimal asyncio server), pinned to one
@@ -60,7 +62,8 @@ def _machine_lines(quick: bool) -> list[str]:
     env = machine()
     gl = guidellm_runner.guidellm_version()
     lines = [
-        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}{' (quick run)' if quick else ''}",
+        f"- Written: {_now()}{' (quick run)' if quick else ''}; a section refreshed on its own "
+        "(`python -m benchmarks --only NAME --write BENCHMARKS.md`) says when it was measured",
         f"- CPU: {env['cpu_model']}, {env['cpus']} cores ({env['cpus_allowed']} allowed to this process); "
         f"Linux {env['kernel']}",
         f"- {env['python']}; aiohttp {env['aiohttp']}, anyio {env['anyio']}, uvloop {env['uvloop']}, "
@@ -71,15 +74,36 @@ def _machine_lines(quick: bool) -> list[str]:
     return lines
 
 
-def render(results: Sequence[tuple[str, Callable[[bool], str], str]], *, quick: bool) -> str:
-    """``results``: (name, the benchmark's entry function, the Markdown it returned), in run order."""
-    by_name = {name: (run, text) for name, run, text in results}
-    names = [n for n in ORDER if n in by_name] + [n for n, _, _ in results if n not in ORDER]
-    goals = [line for _, _, text in results for line in text.splitlines() if line.startswith("- Goal")]
+_MEASURED = "_Measured "
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render(results: Sequence[tuple[str, Callable[[bool], str], str]], *, quick: bool,
+           previous: str | None = None) -> str:
+    """``results``: (name, the benchmark's entry function, the Markdown it returned), in run order.
+    ``previous``: an earlier document whose other sections are kept (a partial run)."""
+    sections: dict[str, str] = {}  # title -> body (method, date line, tables)
+    if previous is not None:
+        sections.update(_sections(previous))
+    when = _now() + (" (quick run)" if quick else "")
+    for name, run, text in results:
+        sections[TITLES.get(name, name)] = f"{_method(run)}\n\n{_MEASURED}{when}._\n\n{text.strip()}"
+    order = [TITLES.get(n, n) for n in ORDER] + [TITLES.get(n, n) for n, _, _ in results]
+    titles = [t for t in dict.fromkeys(order + list(sections)) if t in sections]
+    goals = [line for t in titles for line in sections[t].splitlines() if line.startswith("- Goal")]
     out = [INTRO, "## The machine", "", *_machine_lines(quick), ""]
     if goals:
         out += ["## The goals at a glance", "", *goals, ""]
-    for name in names:
-        run, text = by_name[name]
-        out += [f"## {TITLES.get(name, name)}", "", _method(run), "", text.strip(), ""]
+    for title in titles:
+        out += [f"## {title}", "", sections[title].strip(), ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _sections(document: str) -> dict[str, str]:
+    """The benchmark sections of a document written by ``render`` (title -> body)."""
+    parts = re.split(r"^## (.+)$", document, flags=re.MULTILINE)
+    found = {title.strip(): body.strip() for title, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {t: b for t, b in found.items() if t not in ("The machine", "The goals at a glance")}

@@ -12,6 +12,10 @@ is ~760 MB): rows with explicit ids (``{"id", "prompt"}``: the duplicate-id chec
 without (``{"prompt"}``: ids derived from position and content, nothing to remember). The tutorial needs
 ~2 KB per row, so it is skipped where its projected peak passes ``TUTORIAL_MAX_RSS_MB``.
 
+Not measured here, and not flat: resuming an existing output (sink.py's scan keeps each id's latest status
+in a dict, on the order of 100 bytes per id), and stdin or a pipe with explicit ids (read once, so the
+duplicate check cannot spill to disk and keeps its ids in memory).
+
     python -m benchmarks.memory [--quick] [--rows 10000,1000000]
 """
 
