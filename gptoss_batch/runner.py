@@ -1,8 +1,9 @@
 """The run loop: rows in, results out, at most N requests in flight.
 
-An anyio task group of workers pulls rows from a zero-buffer stream (so rows are read only as fast as
-workers free up: backpressure), each attempt holding the shared ``CapacityLimiter`` that later
-controllers resize. The runner owns the interfaces it needs (``Transport``, ``Sink``) and knows nothing
+An anyio task group of workers takes rows only as fast as they free up (backpressure): straight from the
+shared row iterator for a file, through a zero-buffer stream when a pacer, a reorder buffer or a blocking
+reader (stdin) sits in between. Each attempt holds the shared ``CapacityLimiter`` that the adaptive
+controller resizes. The runner owns the interfaces it needs (``Transport``, ``Sink``) and knows nothing
 of aiohttp, files or terminals.
 """
 
