@@ -317,11 +317,6 @@ def build_config(
     return cfg
 
 
-def config_keys() -> list[str]:
-    """All keys a config file may hold (for docs and tests)."""
-    return sorted(set(_KEYS) | INPUT_KEYS)
-
-
 def describe(cfg: RunConfig) -> dict[str, Any]:
     """The config as plain data for the summary JSON, without the API key."""
     out: dict[str, Any] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -88,13 +88,6 @@ class Samples:
             out[f"p{p}"] = self.quantile(p / 100)
         out["min"], out["max"] = self.min, self.max
         return {k: (round(v, 6) if v is not None else None) for k, v in out.items()}
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    s = Samples()
-    for v in values:
-        s.add(v)
-    return s.quantile(q)
 
 
 def stream_timings(started_at: float, chunk_times: Sequence[float], end: float,
@@ -217,10 +210,3 @@ class SummaryBuilder:
         if extra:
             out.update(extra)
         return out
-
-
-def summarize(results: Iterable[Result], wall_s: float, slos: Mapping[str, float] | None = None) -> dict[str, Any]:
-    b = SummaryBuilder(slos=dict(slos or {}))
-    for r in results:
-        b.add(r)
-    return b.summary(wall_s)
