@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from string import Formatter
-from typing import Any, BinaryIO, Final, Literal, NoReturn, cast
+from typing import Any, BinaryIO, Final, Literal, cast
 
 import orjson
 
@@ -490,11 +490,7 @@ class InputSource:
                 try:
                     rid, payload, route = parse(raw)
                     if rid is not None:
-                        if ids is not None:
-                            if (first := ids.add(rid, lineno)) is not None:
-                                self._duplicate(emit, lineno, rid, first)
-                        elif dups and lineno in dups:
-                            raise _Invalid(dups[lineno])
+                        self._check_id(rid, lineno, emit, ids, dups)
                 except _Invalid as exc:
                     if strict:
                         raise InputError(name, lineno, exc.message) from None
@@ -514,11 +510,16 @@ class InputSource:
                 self._finish_ids(ids)
             self._row_count = index
 
-    def _duplicate(self, emit: bool, line: int, rid: str, first: int) -> NoReturn:
-        message = f"duplicate id {rid!r} (first seen on line {first})"
-        if not emit:
-            self._duplicates[line] = message  # for the rows() pass after this check (on_invalid="skip")
-        raise _Invalid(message)
+    def _check_id(self, rid: str, line: int, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> None:
+        """An explicit id: remembered by ``ids`` while it checks, or looked up in duplicates found earlier."""
+        if ids is not None:
+            if (first := ids.add(rid, line)) is not None:
+                message = f"duplicate id {rid!r} (first seen on line {first})"
+                if not emit:
+                    self._duplicates[line] = message  # for the rows() pass after this check (on_invalid="skip")
+                raise _Invalid(message)
+        elif dups and line in dups:
+            raise _Invalid(dups[line])
 
     def _scan_csv(self, *, emit: bool, ids: IdCheck | None, dups: dict[int, str],
                   header_only: bool = False) -> Iterator[Row]:
@@ -577,11 +578,7 @@ class InputSource:
                         prompt = plan.prompt(rec)
                         rid = rec[plan.id_index] if plan.id_index is not None else None
                         if rid:
-                            if ids is not None:
-                                if (first := ids.add(rid, start)) is not None:
-                                    self._duplicate(emit, start, rid, first)
-                            elif dups and start in dups:
-                                raise _Invalid(dups[start])
+                            self._check_id(rid, start, emit, ids, dups)
                     except _Invalid as exc:
                         if strict:
                             raise InputError(name, lineno, exc.message) from None
