@@ -41,6 +41,19 @@ OUT = "Output and resume"
 INP = "Input"
 
 
+# Connection options shared word for word by run, sweep and chat.
+BaseUrlOption = Annotated[str | None, typer.Option(
+    "--base-url", help="Server base URL ending in /v1 \\[env: OPENAI_BASE_URL; default http://127.0.0.1:8000/v1].",
+    rich_help_panel=CONN, show_default=False)]
+ApiKeyOption = Annotated[str | None, typer.Option(
+    "--api-key", help="API key \\[env: OPENAI_API_KEY]. Never printed or logged.", rich_help_panel=CONN,
+    show_default=False)]
+HeaderOption = Annotated[list[str] | None, typer.Option(
+    "--header", help="Extra HTTP header 'Name: value' (repeatable).", rich_help_panel=CONN)]
+ConnectTimeoutOption = Annotated[float | None, typer.Option(
+    "--connect-timeout", help="Seconds to connect (default 10).", rich_help_panel=CONN)]
+
+
 def err_console() -> Console:
     return Console(stderr=True)
 
@@ -87,14 +100,11 @@ def run(
     output: Annotated[str, typer.Option("--output", "-o", help="Results JSONL, appended as rows finish. "
                       "An existing file is resumed (rows already ok are skipped). '-' writes to stdout.",
                       rich_help_panel=OUT)],
-    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
-                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    base_url: BaseUrlOption = None,
     model: Annotated[str | None, typer.Option(help="Model name sent with every request (rows may override).",
                      rich_help_panel=REQ)] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
-                       rich_help_panel=CONN, show_default=False)] = None,
-    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
-                      "(repeatable).", rich_help_panel=CONN)] = None,
+    api_key: ApiKeyOption = None,
+    header: HeaderOption = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with the same keys as these "
                       "flags (flags win). Examples in configs/.", show_default=False)] = None,
     route: Annotated[str | None, typer.Option(help="chat or completions. Default: the row's own route (Batch "
@@ -142,8 +152,7 @@ def run(
                                  "attempt has failed with connection errors, timeouts or 5xx for this many "
                                  "seconds (default 60). Meanwhile the server gets one probe at a time, on the "
                                  "backoff, not one retry per worker.", rich_help_panel=LOAD)] = None,
-    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
-                               rich_help_panel=CONN)] = None,
+    connect_timeout: ConnectTimeoutOption = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails "
                             "(default: the request timeout; 60 when streaming).", rich_help_panel=CONN)] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
@@ -364,13 +373,10 @@ def sweep(
                           rich_help_panel=OUT, show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the report directory afresh (old files "
                          "are moved aside, never deleted).", rich_help_panel=OUT)] = False,
-    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
-                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    base_url: BaseUrlOption = None,
     model: Annotated[str | None, typer.Option(help="Model name sent with every request.", rich_help_panel=REQ)] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
-                       rich_help_panel=CONN, show_default=False)] = None,
-    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
-                      "(repeatable).", rich_help_panel=CONN)] = None,
+    api_key: ApiKeyOption = None,
+    header: HeaderOption = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run's keys (flags win).",
                       show_default=False)] = None,
     metrics_url: Annotated[str | None, typer.Option(help="The server's Prometheus page, polled every 0.5 s during "
@@ -400,8 +406,7 @@ def sweep(
                            rich_help_panel=LOAD)] = None,
     max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
                                "(default 120).", rich_help_panel=LOAD)] = None,
-    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
-                               rich_help_panel=CONN)] = None,
+    connect_timeout: ConnectTimeoutOption = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails.",
                             rich_help_panel=CONN)] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
@@ -466,13 +471,10 @@ def sweep(
 @app.command()
 def chat(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)],
-    base_url: Annotated[str | None, typer.Option(help="Server base URL ending in /v1 [env: OPENAI_BASE_URL; "
-                        "default http://127.0.0.1:8000/v1].", rich_help_panel=CONN, show_default=False)] = None,
+    base_url: BaseUrlOption = None,
     model: Annotated[str | None, typer.Option(help="Model name sent with the request.", rich_help_panel=REQ)] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key [env: OPENAI_API_KEY]. Never printed or logged.",
-                       rich_help_panel=CONN, show_default=False)] = None,
-    header: Annotated[list[str] | None, typer.Option("--header", help="Extra HTTP header 'Name: value' "
-                      "(repeatable).", rich_help_panel=CONN)] = None,
+    api_key: ApiKeyOption = None,
+    header: HeaderOption = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run's keys (flags win); "
                       "the connection and request keys apply, the others are ignored.", show_default=False)] = None,
     system: Annotated[str | None, typer.Option(help="System message sent before the prompt.",
@@ -484,8 +486,7 @@ def chat(
                      "as JSON when it can be), e.g. --param seed=7 (repeatable).", rich_help_panel=REQ)] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive (default), "
                       "or the whole answer at the end.", rich_help_panel=REQ)] = True,
-    connect_timeout: Annotated[float | None, typer.Option(help="Seconds to connect (default 10).",
-                               rich_help_panel=CONN)] = None,
+    connect_timeout: ConnectTimeoutOption = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before the request fails "
                             "(default: 60 when streaming, else the request timeout).", rich_help_panel=CONN)] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds for the whole request (default 300).",
