@@ -945,7 +945,7 @@ async def _sweep(cfg: RunConfig, plan: SweepPlan, console: Console, store: Sweep
     if store is not None:
         console.print(f"Reports: {store.dir}/{{{','.join(written)}}}", highlight=False, soft_wrap=True)
         if png_note:
-            console.print(png_note, highlight=False, soft_wrap=True)
+            console.print(png_note, highlight=False, soft_wrap=True, markup=False)  # keeps [plot]
     if control.interrupted:
         result.exit_code = EXIT_SIGTERM if control.signals[0] == signal.SIGTERM else EXIT_SIGINT
     elif unreachable or doc["recommendation"] is None:
