@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from gptoss_batch.config import build_config, read_config_file
 from gptoss_batch.errors import ConfigError, InputError, LockedError, OutputError, ResumeMismatchError
@@ -59,7 +60,7 @@ def err_console() -> Console:
 
 
 def fail(console: Console, message: str, code: int) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -254,7 +255,8 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_SIGINT) from None
     if result.outcome is not None and result.outcome.output_error is not None:
-        console.print(f"[bold red]error:[/] {output_error_message(result.outcome.output_error)}", highlight=False)
+        message = escape(output_error_message(result.outcome.output_error))
+        console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(result.exit_code)
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from rich.console import Console
+from rich.markup import escape
 
 from gptoss_batch import __version__
 from gptoss_batch.adaptive import AdaptiveDriver, Pool
@@ -138,7 +139,7 @@ async def run_job(cfg: RunConfig, spec: JobSpec, console: Console,
                     console.print(f"A torn last line ({scan.partial_bytes} bytes) from an interrupted run was "
                                   f"moved to {scan.partial_path}")
                 if scan.bad_lines:
-                    console.print(f"[yellow]warning:[/] {scan.bad_lines} lines of {spec.output} are not result "
+                    console.print(f"[yellow]warning:[/] {scan.bad_lines} lines of {escape(spec.output)} are not result "
                                   "lines; they are kept and ignored")
                 if forced:
                     console.print("[yellow]--force-resume:[/] the input differs from the one this output was "
@@ -228,7 +229,7 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
         raise outcome.input_error
     print_summary(console, summary)
     if outcome.stop_reason:
-        console.print(f"[yellow]Stopped early:[/] {outcome.stop_reason}", highlight=False)
+        console.print(f"[yellow]Stopped early:[/] {escape(outcome.stop_reason)}", highlight=False)
     code = _exit_code(outcome, signals, total, builder.failed, builder.ok + skipped[1])
     return JobResult(code, summary, outcome)
 
@@ -243,7 +244,7 @@ def _finish(cfg: RunConfig, spec: JobSpec, console: Console, sink: JsonlSink | S
         if outcome.output_error is None:
             outcome.output_error = exc
         else:
-            console.print(f"[yellow]warning:[/] {exc}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(str(exc))}", highlight=False)
 
     try:
         sink.close()

@@ -26,6 +26,7 @@ import anyio
 import orjson
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gptoss_batch import __version__
@@ -912,7 +913,8 @@ async def _sweep(cfg: RunConfig, plan: SweepPlan, console: Console, store: Sweep
                 console.print(level_line(rec, plan.mode), highlight=False, soft_wrap=True)
                 if rec["server_unreachable"]:
                     unreachable = True
-                    console.print(f"[yellow]The server is unreachable:[/] {rec['stop_reason']}; the sweep stops "
+                    why = escape(str(rec["stop_reason"]))
+                    console.print(f"[yellow]The server is unreachable:[/] {why}; the sweep stops "
                                   "here (rerun the same command to resume).", highlight=False, soft_wrap=True)
                     break
             else:

@@ -171,3 +171,12 @@ def test_python_dash_m_and_help_work() -> None:
     proc = gptoss("run", "--help")
     assert proc.returncode == 0 and b"--concurrency" in proc.stdout
     assert sys.executable
+
+
+def test_error_messages_with_brackets_are_printed_as_they_are(tmp_path: Path) -> None:
+    """A path like 'x[/y]' in a message once crashed rich's markup parser with a traceback."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    missing = tmp_path / "conf[/y].toml"
+    proc = gptoss("run", str(inp), "-o", str(tmp_path / "o.jsonl"), "--config", str(missing))
+    assert proc.returncode == 2
+    assert str(missing).encode() in proc.stderr and b"Traceback" not in proc.stderr
