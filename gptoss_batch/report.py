@@ -70,7 +70,8 @@ class Display(Protocol):
     def start(self) -> None: ...
     def tick(self) -> None: ...
     def stop(self) -> None: ...
-    def message(self, text: str) -> None: ...
+    def message(self, text: str) -> None:
+        """Plain text above the progress display (never parsed as rich markup)."""
 
 
 class RichDisplay:
@@ -96,7 +97,7 @@ class RichDisplay:
         self.progress.stop()
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, markup=False)
 
 
 class PlainDisplay:
@@ -125,7 +126,7 @@ class PlainDisplay:
         self._line(time.perf_counter())
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 class NoDisplay:
@@ -142,7 +143,7 @@ class NoDisplay:
         return None
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)
+        self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def make_display(mode: str, console: Console, state: RunState) -> Display:
