@@ -42,8 +42,9 @@ DONE_DRAIN_S = 0.1
 # llama-server does, after every stream). A request sent on that pooled connection before the close is seen
 # fails before any answer ("Can not write request body", "server disconnected"): against llama-server nearly
 # every streamed request failed once, and came back after a backoff. So a session learns it: its first streamed
-# answers are watched for a moment each, and a close seen behind one (or a streamed request failing that way)
-# ends connection reuse for the session; a fresh connection costs little next to a generation. Only the first
+# answers are watched for a moment each, and a close seen behind one (or a streamed request failing that way,
+# which is then resent at once) ends connection reuse for the session; a fresh connection costs little next to a
+# generation. Only the first
 # few are watched, so a keep-alive limit ("max=100") closing a connection now and then changes nothing.
 STREAMS_WATCHED_FOR_CLOSE = 8
 CLOSE_WATCH_S = 0.001  # the close comes right behind the last chunk: one event-loop turn sees about half
@@ -505,12 +506,19 @@ class AiohttpTransport:
         """
         if stream and self._drop_stream_options:
             body = without_stream_options(body) or body
+        # Sent while the session may still hand out a connection the server closed behind a stream.
+        learning = stream and self._streams_to_watch > 0
         try:
             return await self._send(route, body, stream, on_text)
         except ConnectError as exc:
-            if stream and self._streams_to_watch and _closed_before_answering(exc):
-                self._stop_reusing_connections()  # a close the watch missed (see STREAMS_WATCHED_FOR_CLOSE)
-            raise
+            if not (learning and _closed_before_answering(exc)):
+                raise
+            # A close the watch missed (see STREAMS_WATCHED_FOR_CLOSE): this request went out on a pooled
+            # connection the server had closed, and never reached it. Reuse ends here, and the request goes again
+            # at once on a fresh connection: a flaw of the connection pool is neither a failed attempt nor a
+            # reason to back off. Once a session at most: from here on every connection is fresh.
+            self._stop_reusing_connections()
+            return await self.send(route, body, stream=stream, on_text=on_text)
         except HTTPStatusError as exc:
             stripped = without_stream_options(body) if stream else None
             if stripped is None or not rejects_stream_options(exc.status, exc.message):
@@ -578,6 +586,13 @@ class AiohttpTransport:
         connector = self._session.connector if self._session is not None else None
         if isinstance(connector, aiohttp.TCPConnector):
             connector._force_close = True  # no public setter; aiohttp reads it on each release
+            # The idle ones were released before: the server may have closed them too, unseen yet.
+            idle = getattr(connector, "_conns", None)  # aiohttp's pool of idle connections, by host
+            if isinstance(idle, dict):
+                for conns in idle.values():
+                    for protocol, _released_at in conns:
+                        protocol.close()
+                idle.clear()
 
     async def get_text(self, url: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """GET a side URL (``/metrics``, ``/health``); failures come back as our errors."""
