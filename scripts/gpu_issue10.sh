@@ -8,12 +8,17 @@
 #   auto        run --concurrency auto on the same 600 rows
 #   fixed96     run --concurrency 96 on the same rows, for a side-by-side with auto
 #   auto-long   run --concurrency auto on 1,200 rows (the 600 twice), long enough to see it settle
+#   agree       levels 4 and 64 (the two that differed from the baseline's table by more than 15%), measured by
+#               the baseline client and by our sweep on the same server, one after the other, with the baseline's
+#               load: plain (not streamed), max(16, 2x the level) requests, no warm-up
 set -u
 W=.gpu/work
 mkdir -p "$W"
 PY=${PY:-python3}
 COMMON=(--base-url "$BASE_URL" --model "$MODEL" --max-tokens 150 --temperature 0.7 --top-p 0.9 --stream
         --progress plain)
+PLAIN=(--base-url "$BASE_URL" --model "$MODEL" --max-tokens 150 --temperature 0.7 --top-p 0.9 --no-stream
+       --progress plain)
 phase() { echo "=== phase $1 at $(date +%T)"; }
 for p in "$@"; do
   case "$p" in
@@ -32,6 +37,16 @@ sys.stdout.write("".join(r.replace("\"id\": \"r", "\"id\": \"b" if i >= 600 else
                          for i, r in enumerate(rows + rows)))' > "$W/rows1200.jsonl"
                 $PY -m gptoss_batch run "$W/rows1200.jsonl" -o "$W/auto_long.jsonl" --concurrency auto \
                   --log-controller "$W/auto_long_controller.jsonl" "${COMMON[@]}" ;;
+    agree)      phase "$p"; mkdir -p "$W/agree"
+                for L in 4 64; do
+                  N=$(( 2 * L > 16 ? 2 * L : 16 ))
+                  $PY .gpu/baseline_client.py sweep --base-url "${BASE_URL%/v1}" --model "$MODEL" --max-tokens 150 \
+                    --levels "$L" --min-requests 16 --multiplier 2 --json-out "$W/agree/baseline_$L.json" \
+                    --txt-out "$W/agree/baseline_$L.txt" 2>&1 | grep -v '^LEVEL '
+                  $PY -m gptoss_batch sweep sample_prompts/tutorial.jsonl --levels "$L" --requests-per-level "$N" \
+                    --warmup 0 --report-dir "$W/agree/ours_$L" "${PLAIN[@]}"
+                  tar czf "$OUT/work.tgz" -C .gpu work
+                done ;;
     *) echo "unknown phase $p"; exit 2 ;;
   esac
   echo "=== phase $p rc=$? at $(date +%T)"
