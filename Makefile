@@ -41,7 +41,7 @@ bench: $(STAMP) ## Run every benchmark (~40 min), print the tables and rewrite B
 	@test -x $(GUIDELLM) || $(MAKE) bench-guidellm || echo "guidellm could not be installed: BENCHMARKS.md will say so"
 	$(BIN)/python -m benchmarks --write BENCHMARKS.md
 
-bench-quick: $(STAMP) ## A short benchmark run, about 2.5 min (prints the tables; BENCHMARKS.md is left alone)
+bench-quick: $(STAMP) ## A smoke run of every benchmark, about 45 s (prints the tables; BENCHMARKS.md is left alone)
 	$(BIN)/python -m benchmarks --quick
 
 bench-guidellm: ## Install guidellm (a peer in the pipeline benchmark; torch included, a few GB) into .bench/

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,10 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     failed: list[str] = []
     allowed = os.sched_getaffinity(0)
+    t_all = time.perf_counter()
     for name, run in BENCHMARKS:
         if args.only and name not in args.only:
             continue
         os.sched_setaffinity(0, allowed)  # a benchmark pins this process to one CPU; give the next all of them
+        t0 = time.perf_counter()
         try:
             text = run(args.quick)
         except Exception as exc:  # one failing benchmark must not lose the others' tables
@@ -52,10 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(name)
         results.append((name, run, text))
         print(f"## {name}\n\n{text}\n", flush=True)
+        print(f"({name}: {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     if args.write is not None:
         # With --only, the other sections of an existing document are kept as they were.
         previous = args.write.read_text() if args.only and args.write.exists() else None
         args.write.write_text(document.render(results, quick=args.quick, previous=previous))
+    print(f"benchmarks took {time.perf_counter() - t_all:.1f} s", file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -49,10 +49,14 @@ class Plan:
     auto_s: float  # per knee: max(auto_s, knee-scaled minimum); see auto_duration
     crash_seeds: int
     crash_s: float
+    levels: tuple[float, ...] = LEVELS
+    metrics_modes: tuple[bool, ...] = (True, False)  # auto with /metrics, and with the latency signal alone
 
 
 FULL = Plan(knees=(8, 32, 128), fixed_warmup_s=3.0, fixed_s=8.0, auto_s=45.0, crash_seeds=4, crash_s=15.0)
-QUICK = Plan(knees=(8,), fixed_warmup_s=1.0, fixed_s=3.0, auto_s=24.0, crash_seeds=1, crash_s=10.0)
+# A smoke run (make bench-quick, under a minute in all): one knee, three fixed levels, auto with /metrics only.
+QUICK = Plan(knees=(8,), fixed_warmup_s=0.3, fixed_s=1.0, auto_s=5.0, crash_seeds=1, crash_s=3.0,
+             levels=(0.5, 1.0, 2.0), metrics_modes=(True,))
 
 
 def decode_base_s(knee: int) -> float:
@@ -223,13 +227,13 @@ def run(plan: Plan, progress: Any = None, log_dir: Path | None = None) -> Report
     for knee in plan.knees:
         fixed: list[RunStats] = []
         with start_sim(*sim_args(knee)) as sim:
-            for factor in LEVELS:
+            for factor in plan.levels:
                 level = max(1, round(knee * factor))
                 s = anyio.run(measure, sim.base_url, level, plan.fixed_warmup_s + plan.fixed_s, plan.fixed_warmup_s)
                 say(f"knee {knee}: fixed {level}: {s.output_tokens_per_s:.0f} tok/s, p95 {s.p95_latency_s:.3f}s")
                 fixed.append(s)
         autos: dict[str, RunStats] = {}
-        for metrics in (True, False):
+        for metrics in plan.metrics_modes:
             with start_sim(*sim_args(knee, metrics=metrics)) as sim:
                 d = auto_duration(plan, knee)
                 name = "metrics" if metrics else "no metrics"
@@ -242,7 +246,7 @@ def run(plan: Plan, progress: Any = None, log_dir: Path | None = None) -> Report
     for knee in plan.knees:
         budget = 2 * knee
         max_concurrency = max(256, 4 * knee)
-        for metrics in (True, False):
+        for metrics in plan.metrics_modes:
             tripped, max_in_server, ok_shares = 0, 0, []
             for seed in range(plan.crash_seeds):
                 with start_sim(*sim_args(knee, metrics=metrics, seed=seed, crash_above=budget)) as sim:

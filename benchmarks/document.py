@@ -34,7 +34,7 @@ INTRO = """\
 gptoss-batch exists to keep an inference server busy, so the client must never be the bottleneck: what
 it costs per request, per streamed chunk, per row held in memory and per invocation is measured here,
 side by side with what a user would write or install instead. Regenerate this file with `make bench`
-(about 40 minutes on two cores, guidellm included; `make bench-quick` is a short smoke run that prints
+(about 40 minutes on two cores, guidellm included; `make bench-quick` is a 45-second smoke run that prints
 the tables without writing this file).
 
 **How to read the numbers.** Every benchmark starts its own "instant" OpenAI-compatible server on

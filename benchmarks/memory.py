@@ -33,7 +33,7 @@ import orjson
 from benchmarks.measure import loadavg, run_child, stderr_line
 
 FULL_ROWS = (10_000, 1_000_000, 10_000_000)
-QUICK_ROWS = (10_000, 100_000)
+QUICK_ROWS = (10_000, 50_000)
 CONCURRENCY = 256
 TUTORIAL_MAX_RSS_MB = 4096
 GOAL_RATIO = 1.2

@@ -3,11 +3,12 @@
 * ``dead server``: 1,000 rows against a server that refuses every connection, for a 60 s
   ``--unavailable-after`` window with the default backoff (0.5 s doubling to 30 s), on virtual time (the
   runner with a fake transport: exact and instant). Attempts sent with the circuit breaker, and without it
-  (each worker retrying on its own backoff, as before), at several concurrencies; median of 3 seeds.
+  (each worker retrying on its own backoff, as before), at several concurrencies; median of 3 seeds (1 with
+  --quick).
 * ``overload``: serve-sim's overload mode (10 sequences run, 2 may wait, beyond that 429 + Retry-After 0.2 s)
-  at concurrency 12, 300 rows: the share ok with ``--max-attempts 1``, then with the defaults; the real
-  CLI over loopback.
-* ``fault matrix``: 1,000 rows (200 with --quick) at concurrency 32 against 20% 429 (half with Retry-After
+  at concurrency 12, 300 rows (150 with --quick): the share ok with ``--max-attempts 1``, then with the
+  defaults; the real CLI over loopback.
+* ``fault matrix``: 1,000 rows (100 with --quick) at concurrency 32 against 20% 429 (half with Retry-After
   0.2 s), 10% 5xx, 5% resets, 5% stalls (0.5 s read timeout), 2% malformed bodies.
 
     python -m benchmarks --only resilience [--quick]
@@ -66,11 +67,11 @@ async def _dead_server_attempts(concurrency: int, breaker: bool, seed: int) -> t
     return transport.sent, vt.now - start
 
 
-def dead_server() -> str:
+def dead_server(seeds: int = 3) -> str:
     out = ["| concurrency | attempts with the breaker | without | run ended after (s) |", "|---|---|---|---|"]
     for concurrency in (1, 8, 32, 128):
-        with_b = [asyncio.run(_dead_server_attempts(concurrency, True, s)) for s in range(3)]
-        without = [asyncio.run(_dead_server_attempts(concurrency, False, s)) for s in range(3)]
+        with_b = [asyncio.run(_dead_server_attempts(concurrency, True, s)) for s in range(seeds)]
+        without = [asyncio.run(_dead_server_attempts(concurrency, False, s)) for s in range(seeds)]
         out.append(f"| {concurrency} | {statistics.median(a for a, _ in with_b):.0f} | "
                    f"{statistics.median(a for a, _ in without):.0f} | "
                    f"{statistics.median(t for _, t in with_b):.1f} |")
@@ -91,14 +92,14 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
-def overload(tmp: Path) -> str:
-    inp = _prompts(tmp / "ov.jsonl", 300)
+def overload(tmp: Path, rows: int) -> str:
+    inp = _prompts(tmp / "ov.jsonl", rows)
     out = ["| client | ok | wall (s) | exit |", "|---|---|---|---|"]
     with start_sim("--max-num-seqs", "10", "--overload-queue-limit", "2", "--retry-after-s", "0.2") as sim:
         for label, extra in (("--max-attempts 1", ("--max-attempts", "1")), ("defaults", ())):
             code, wall, s = _run(sim.base_url, inp, tmp / "ov.out.jsonl", "--concurrency", "12", "--max-tokens", "16",
                                  *extra)
-            out.append(f"| {label} | {s['rows']['ok']}/300 | {wall:.1f} | {code} |")
+            out.append(f"| {label} | {s['rows']['ok']}/{rows} | {wall:.1f} | {code} |")
     return "\n".join(out)
 
 
@@ -118,9 +119,11 @@ def markdown(quick: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="bench-resilience-") as d:
         tmp = Path(d)
         return "\n\n".join([
-            "Dead server, 1,000 rows, 60 s window, default backoff (virtual time):", dead_server(),
-            "Overload at concurrency 12 (serve-sim, loopback):", overload(tmp),
-            "Fault matrix at concurrency 32:", matrix(tmp, 200 if quick else 1000),
+            f"Dead server, 1,000 rows, 60 s window, default backoff (virtual time, median of {1 if quick else 3} "
+            "seed(s)):", dead_server(1 if quick else 3),
+            f"Overload at concurrency 12, {150 if quick else 300} rows (serve-sim, loopback):",
+            overload(tmp, 150 if quick else 300),
+            "Fault matrix at concurrency 32:", matrix(tmp, 100 if quick else 1000),
         ])
 
 

@@ -23,7 +23,7 @@ from benchmarks.measure import loadavg, run_child, spread, stderr_line
 
 GOAL_HELP_S = 0.3
 FULL_REPEATS = 15
-QUICK_REPEATS = 5
+QUICK_REPEATS = 3
 TOP_IMPORTS = 12
 
 

@@ -76,7 +76,7 @@ class Plan:
 
 
 FULL = Plan(requests_per_cell=8, cell_budget_s=15.0, repeats=3)
-QUICK = Plan(requests_per_cell=2, cell_budget_s=4.0, repeats=1)
+QUICK = Plan(requests_per_cell=1, cell_budget_s=4.0, repeats=1)
 
 
 @dataclass(frozen=True, slots=True)
