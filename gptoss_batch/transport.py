@@ -399,44 +399,55 @@ def _closed_before_answering(exc: ConnectError) -> bool:
         isinstance(cause, aiohttp.ClientOSError) and not isinstance(cause, aiohttp.ClientConnectorError))
 
 
-@contextmanager
-def _translate_errors(url: str, timeouts: Timeouts, stream: bool) -> Iterator[None]:
-    """Map aiohttp/asyncio exceptions to our tree, most specific first, always with a message."""
-    try:
-        yield
-    except TransportError:
-        raise
+def _translate(exc: Exception, url: str, timeouts: Timeouts, stream: bool) -> TransportError | None:
+    """Our error for an aiohttp/asyncio exception, most specific first, always with a message; None: not ours
+    to translate (raise it as it is)."""
     # Timeouts first: aiohttp's are also ClientErrors/OSErrors. str(TimeoutError()) is empty, so each
     # message names the limit that fired and the flag that sets it.
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise TimeoutError_(f"connect timeout: no connection to {url} within {timeouts.connect_s:g}s "
-                            "(--connect-timeout)") from exc
-    except aiohttp.SocketTimeoutError as exc:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TimeoutError_(f"connect timeout: no connection to {url} within {timeouts.connect_s:g}s "
+                             "(--connect-timeout)")
+    if isinstance(exc, aiohttp.SocketTimeoutError):
         # aiohttp's sock_read: the time between two reads, from the request being sent on (so it also
         # bounds the wait for the response headers, which is all of a non-streamed generation).
-        raise TimeoutError_(f"read timeout: no data from {url} for {timeouts.read_timeout_s(stream):g}s "
-                            "(--read-timeout)") from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise TimeoutError_(f"request timeout: the attempt took longer than {timeouts.request_s:g}s "
-                            f"({url}, --request-timeout)") from exc
-    except aiohttp.ClientConnectorError as exc:
+        return TimeoutError_(f"read timeout: no data from {url} for {timeouts.read_timeout_s(stream):g}s "
+                             "(--read-timeout)")
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        return TimeoutError_(f"request timeout: the attempt took longer than {timeouts.request_s:g}s "
+                             f"({url}, --request-timeout)")
+    if isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
         # asyncio words a refusal "Connect call failed ('127.0.0.1', 8000)"; the errno says it better.
         reason = (os.strerror(os_error.errno) if isinstance(os_error, ConnectionError) and os_error.errno
                   else os_error.strerror or str(exc))
-        raise ConnectError(f"cannot connect to {url}: {reason}") from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise ConnectError(f"server disconnected before answering: {url}") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise StreamError(f"response cut short: {str(exc) or exc.__class__.__name__} ({url})") from exc
-    except (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError) as exc:
-        raise ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})") from exc
-    except aiohttp.ClientResponseError as exc:
-        raise ProtocolError(f"bad HTTP response: {exc.message or exc.__class__.__name__} ({url})") from exc
-    except aiohttp.ClientError as exc:
-        raise ConnectError(f"{exc.__class__.__name__}: {str(exc) or 'client error'} ({url})") from exc
-    except OSError as exc:  # raised past aiohttp's wrapping, e.g. EMFILE: too many open files
-        raise ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})") from exc
+        return ConnectError(f"cannot connect to {url}: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ConnectError(f"server disconnected before answering: {url}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return StreamError(f"response cut short: {str(exc) or exc.__class__.__name__} ({url})")
+    if isinstance(exc, (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)):
+        return ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ProtocolError(f"bad HTTP response: {exc.message or exc.__class__.__name__} ({url})")
+    if isinstance(exc, aiohttp.ClientError):
+        return ConnectError(f"{exc.__class__.__name__}: {str(exc) or 'client error'} ({url})")
+    if isinstance(exc, OSError):  # raised past aiohttp's wrapping, e.g. EMFILE: too many open files
+        return ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})")
+    return None
+
+
+@contextmanager
+def _translate_errors(url: str, timeouts: Timeouts, stream: bool) -> Iterator[None]:
+    """``_translate`` as a context: our own errors pass as they are."""
+    try:
+        yield
+    except TransportError:
+        raise
+    except Exception as exc:
+        translated = _translate(exc, url, timeouts, stream)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 class AiohttpTransport:
@@ -504,12 +515,24 @@ class AiohttpTransport:
         A server that rejects ``stream_options`` (400/422 naming it) gets the request again without it at
         once, and no request of this session carries it from then on; output tokens are then counted chunks.
         """
-        if stream and self._drop_stream_options:
+        if not stream:
+            # The common path, kept one await shallower than the streamed one: a request's every wake-up
+            # passes through each level of the await chain again.
+            try:
+                return await self._post(route, body, False, time.perf_counter(), None, None)
+            except TransportError:
+                raise
+            except Exception as exc:
+                translated = _translate(exc, self.base_url + ROUTE_PATHS[route], self.timeouts, False)
+                if translated is None:
+                    raise
+                raise translated from exc
+        if self._drop_stream_options:
             body = without_stream_options(body) or body
         # Sent while the session may still hand out a connection the server closed behind a stream.
-        learning = stream and self._streams_to_watch > 0
+        learning = self._streams_to_watch > 0
         try:
-            return await self._send(route, body, stream, on_text)
+            return await self._send_stream(route, body, on_text)
         except ConnectError as exc:
             if not (learning and _closed_before_answering(exc)):
                 raise
@@ -518,38 +541,35 @@ class AiohttpTransport:
             # at once on a fresh connection: a flaw of the connection pool is neither a failed attempt nor a
             # reason to back off. Once a session at most: from here on every connection is fresh.
             self._stop_reusing_connections()
-            return await self.send(route, body, stream=stream, on_text=on_text)
+            return await self.send(route, body, stream=True, on_text=on_text)
         except HTTPStatusError as exc:
-            stripped = without_stream_options(body) if stream else None
+            stripped = without_stream_options(body)
             if stripped is None or not rejects_stream_options(exc.status, exc.message):
                 raise
             self._drop_stream_options = True
-            return await self._send(route, stripped, stream, on_text)
+            return await self._send_stream(route, stripped, on_text)
 
-    async def _send(self, route: Route, body: bytes, stream: bool,
-                    on_text: Callable[[str, bool], None] | None) -> Completion:
-        assert self._session is not None, "use AiohttpTransport as an async context manager"
-        url = self.base_url + ROUTE_PATHS[route]
-        with _translate_errors(url, self.timeouts, stream):
-            # TTFT counts from here: connecting (or waiting for a pooled connection) is part of it.
+    async def _send_stream(self, route: Route, body: bytes,
+                           on_text: Callable[[str, bool], None] | None) -> Completion:
+        with _translate_errors(self.base_url + ROUTE_PATHS[route], self.timeouts, True):
             started = time.perf_counter()
-            if not stream:
-                return await self._post(url, route, body, False, started, None, None)
             with anyio.CancelScope() as scope:
                 idle = _IdleDeadline(self.timeouts.read_timeout_s(True), scope)
                 try:
-                    return await self._post(url, route, body, True, started, on_text, idle)
+                    return await self._post(route, body, True, started, on_text, idle)
                 finally:
                     idle.cancel()
             # Only the deadline cancels this scope: the same failure aiohttp's sock_read would raise.
             raise aiohttp.SocketTimeoutError(f"no data for {idle.limit_s:g}s")
 
-    async def _post(self, url: str, route: Route, body: bytes, stream: bool, started: float,
+    async def _post(self, route: Route, body: bytes, stream: bool, started: float,
                     on_text: Callable[[str, bool], None] | None, idle: _IdleDeadline | None) -> Completion:
-        assert self._session is not None
-        async with self._session.post(
-            self._urls[route], data=body, timeout=self._timeout_stream if stream else self._timeout_plain,
-        ) as resp:
+        # TTFT counts from ``started``: connecting (or waiting for a pooled connection) is part of it.
+        assert self._session is not None, "use AiohttpTransport as an async context manager"
+        # Awaited rather than entered: ``async with`` would add aiohttp's __aenter__ to the await chain.
+        resp = await self._session.post(
+            self._urls[route], data=body, timeout=self._timeout_stream if stream else self._timeout_plain)
+        try:
             if idle is not None:
                 idle.last = time.perf_counter()  # the headers are data too
             if resp.status >= 400:
@@ -572,6 +592,9 @@ class AiohttpTransport:
                 raise ProtocolError(
                     f"response body is not valid JSON ({len(raw)} bytes, HTTP {resp.status})") from None
             return parse_completion(data, route)
+        finally:
+            resp.release()
+            await resp.wait_for_close()  # what leaving ``async with`` does: the request's writer task is done
 
     async def _watch_for_close(self, protocol: ResponseHandler) -> None:
         """After a streamed answer: did the server close the connection right behind it? One seen is enough:
