@@ -44,8 +44,8 @@ DONE_DRAIN_S = 0.1
 # every streamed request failed once, and came back after a backoff. So a session learns it: its first streamed
 # answers are watched for a moment each, and a close seen behind one (or a streamed request failing that way,
 # which is then resent at once) ends connection reuse for the session; a fresh connection costs little next to a
-# generation. Only the first
-# few are watched, so a keep-alive limit ("max=100") closing a connection now and then changes nothing.
+# generation. Only the first few are watched, so a keep-alive limit ("max=100") closing a connection now and
+# then changes nothing.
 STREAMS_WATCHED_FOR_CLOSE = 8
 CLOSE_WATCH_S = 0.001  # the close comes right behind the last chunk: one event-loop turn sees about half
 
