@@ -110,6 +110,14 @@ class Attempt:
             out["message"] = self.message[:200]
         return out
 
+    @classmethod
+    def from_json(cls, raw: Any) -> Attempt | None:
+        if not isinstance(raw, dict):
+            return None
+        status, wait_s = raw.get("status"), raw.get("wait_s")
+        return cls(str(raw.get("kind", "unknown")), status if isinstance(status, int) else None,
+                   float(wait_s) if isinstance(wait_s, int | float) else 0.0, str(raw.get("message", "")))
+
 
 @dataclass(frozen=True, slots=True)
 class Result:
@@ -195,6 +203,8 @@ class Result:
         itl = raw.get("itl_s")
         conc = raw.get("concurrency")
         run = raw.get("run")
+        log = raw.get("attempt_log")
+        attempts = tuple(a for a in map(Attempt.from_json, log) if a is not None) if isinstance(log, list) else ()
         return cls(
             id=str(raw["id"]),
             index=int(raw.get("index", -1)),
@@ -213,6 +223,7 @@ class Result:
             # Counted chunks of a stream without usage: kept so resumed summaries count them too.
             extra={"output_tokens": raw["output_tokens"]} if isinstance(raw.get("output_tokens"), int) else {},
             concurrency=conc if isinstance(conc, int) else None,
+            attempt_log=attempts,
             run=run if isinstance(run, int) else None,
             reasoning=raw.get("reasoning"),
         )

@@ -169,6 +169,10 @@ def test_fault_matrix_every_row_ends_ok_once_within_the_deadline_and_pauses_are_
     assert summary["retries_by_cause"] == {
         (f"{kind}:{status}" if status else kind): n for (kind, status), n in logged.items()}
     assert summary["attempts"] == stats["requests_total"]
+    # Read back from the output alone (`summary`, and a resumed run's overall figures), the same causes.
+    recomputed = gptoss("summary", str(out), "--json")
+    assert recomputed.returncode == 0, recomputed.stderr.decode()
+    assert orjson.loads(recomputed.stdout)["retries_by_cause"] == summary["retries_by_cause"]
 
     assert cooldown_violations(request_log(log_path), concurrency=32) == []
 
