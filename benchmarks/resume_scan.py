@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from tests.helpers.stub_run import own_peak_rss_kib
 
 FULL_LINES = 1_000_000
 QUICK_LINES = 100_000
@@ -89,7 +90,7 @@ def _scan_per_line(path: str) -> dict[str, bool]:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return own_peak_rss_kib() / 1024
 
 
 def _child(mode: str, out: str, inp: str) -> dict[str, Any]:
