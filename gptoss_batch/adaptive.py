@@ -17,23 +17,19 @@ import orjson
 from gptoss_batch.config import RunConfig
 from gptoss_batch.control import Controller, Decision, Failed, Finished, Settings
 from gptoss_batch.errors import OutputError, TransportError
-from gptoss_batch.metrics import metrics_url_for, parse_gauges
+from gptoss_batch.metrics import POLL_TIMEOUT_S, TextGetter, metrics_url_for, parse_gauges
 from gptoss_batch.records import Completion
 from gptoss_batch.runner import Runner
-from gptoss_batch.stats import stream_timings
 
 TICK_S = 0.25
-METRICS_TIMEOUT_S = 2.0
 # A /metrics page that worked and then fails this many times in a row is read less often.
 METRICS_FAILURES_BEFORE_BACKOFF = 3
 METRICS_BACKOFF_S = 5.0
 
 
 @runtime_checkable
-class Pool(Protocol):
+class Pool(TextGetter, Protocol):
     """What the driver needs of the transport beyond ``send``: the side GET and the pool size."""
-
-    async def get_text(self, url: str, timeout_s: float = ...) -> tuple[int, str]: ...
 
     def resize(self, limit: int) -> None: ...
 
@@ -55,13 +51,11 @@ class AdaptiveDriver:
         self.controller = Controller(settings, 0.0)
         self.metrics_url = cfg.metrics_url or metrics_url_for(cfg.base_url)
         self.metrics_status = "off (--no-server-metrics)" if not cfg.server_metrics or pool is None else "not read yet"
-        self._timed = bool({"ttft", "tpot", "itl"} & set(cfg.slos))
         self._log: IO[bytes] | None = None
         self._changes = 0
         self._max_limit = self.controller.limit
         self._limit_since = 0.0
         self._limit_time: dict[int, float] = {}
-        self._last_reason = ""
 
     def now(self) -> float:
         return self.clock() - self.t0
@@ -106,17 +100,17 @@ class AdaptiveDriver:
 
     # -- observations ----------------------------------------------------------------------------------
 
-    def on_attempt(self, t0: float, t1: float, completion: Completion | None, error: TransportError | None) -> None:
-        """The runner's hook, called after every attempt (kept cheap: it runs on the request path)."""
+    def on_attempt(self, t0: float, t1: float, completion: Completion | None, error: TransportError | None,
+                   timing: dict[str, Any]) -> None:
+        """The runner's hook, called after every attempt (kept cheap: it runs on the request path). ``timing``
+        is the runner's ``stats.stream_timings`` of a streamed answer, else empty; the controller reads only
+        the timings that an SLO names."""
         start, end = t0 - self.t0, t1 - self.t0
         if completion is not None:
             tokens = completion.usage.completion_tokens if completion.usage else len(completion.chunk_times)
-            ttft = tpot = itl = None
-            if self._timed and completion.started_at is not None and completion.chunk_times:
-                timing = stream_timings(completion.started_at, completion.chunk_times, t1, tokens or None)
-                ttft, tpot = timing.get("ttft_s"), timing.get("tpot_s")
-                itl = timing["itl_s"]["mean"] if "itl_s" in timing else None
-            self._apply(self.controller.finished(Finished(start, end, tokens, ttft, tpot, itl)))
+            itl = timing["itl_s"]["mean"] if "itl_s" in timing else None
+            self._apply(self.controller.finished(
+                Finished(start, end, tokens, timing.get("ttft_s"), timing.get("tpot_s"), itl)))
         elif error is not None:
             self._apply(self.controller.failed(Failed(start, end, error.kind, error.status)))
 
@@ -132,7 +126,7 @@ class AdaptiveDriver:
         failures = 0
         while True:
             try:
-                status, text = await pool.get_text(self.metrics_url, METRICS_TIMEOUT_S)
+                status, text = await pool.get_text(self.metrics_url, POLL_TIMEOUT_S)
                 gauges = parse_gauges(text) if status == 200 else {}
                 problem = f"HTTP {status}" if status != 200 else None if gauges else "none of the known gauges"
             except TransportError as exc:
@@ -163,9 +157,10 @@ class AdaptiveDriver:
             self._max_limit = max(self._max_limit, decision.limit)
             self.runner.set_limit(decision.limit, decision.reason)
             self._resize(decision.limit)
-        line = decision.to_json()
-        line["in_flight"] = self.runner.state.in_flight
-        self._write(line)
+        if self._log is not None:
+            line = decision.to_json()
+            line["in_flight"] = self.runner.state.in_flight
+            self._write(line)
 
     def _resize(self, limit: int) -> None:
         if self.pool is not None:

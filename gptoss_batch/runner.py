@@ -62,11 +62,14 @@ class RunState:
 class RunOutcome:
     state: RunState
     wall_s: float
-    stop_reason: str | None = None
     interrupted: bool = False
     input_error: InputError | None = None
     output_error: OutputError | None = None
     unavailable: bool = False
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.state.stop_reason
 
 
 class Runner:
@@ -117,8 +120,10 @@ class Runner:
         # Ordered output (sink.OrderedSink.admit): awaited before a row starts, so a bounded reorder
         # buffer can hold reading back instead of growing.
         self.admit: Callable[[Row], Awaitable[None]] | None = None
-        # Adaptive concurrency (adaptive.py): told of every attempt as (sent, answered, completion, error).
-        self.on_attempt: Callable[[float, float, Completion | None, TransportError | None], None] | None = None
+        # Adaptive concurrency (adaptive.py): told of every attempt as (sent, answered, completion, error,
+        # stream timings), before its result is written.
+        self.on_attempt: Callable[[float, float, Completion | None, TransportError | None, dict[str, Any]],
+                                  None] | None = None
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -126,7 +131,6 @@ class Runner:
         """Stop reading rows; in-flight requests finish (bounded by the drain timeout)."""
         if self.state.stop_reason is None:
             self.state.stop_reason = reason
-            self._outcome.stop_reason = reason
         self._outcome.interrupted = self._outcome.interrupted or interrupted
         self._stop.set()
         for scope in list(self._waits):
@@ -155,7 +159,6 @@ class Runner:
         """Process ``rows``. ``threaded_reads`` reads each row in a worker thread (for stdin/pipes,
         where a read may block for a long time and must not freeze the event loop)."""
         t0 = self.clock()
-        send, recv = anyio.create_memory_object_stream[Row](0)
         # A file's rows come without blocking, so with nothing to await between rows (no pacer, no reorder
         # buffer) each free worker takes the next row itself: the same backpressure as the stream, without
         # its two event-loop hand-offs per row (about a third of the runner's own CPU per row).
@@ -167,12 +170,11 @@ class Runner:
             with self._work_scope:
                 async with anyio.create_task_group() as tg:
                     if direct:
-                        send.close()
-                        recv.close()
                         shared = iter(rows)
                         for _ in range(self.cfg.worker_count):
                             tg.start_soon(self._pull_worker, shared)
                     else:
+                        send, recv = anyio.create_memory_object_stream[Row](0)
                         for _ in range(self.cfg.worker_count):
                             tg.start_soon(self._worker, recv.clone())
                         recv.close()
@@ -351,11 +353,12 @@ class Runner:
                 self.state.in_flight -= 1
                 self.limiter.release()
             t1 = self.clock()
+            timing = _timing(completion, t1)
             if self.on_attempt is not None:
-                self.on_attempt(t0, t1, completion, error)
+                self.on_attempt(t0, t1, completion, error, timing)
             if completion is not None:
-                self._on_success(t1, completion, estimate)
-                return self._ok_result(row, completion, t0, t1, attempt, tuple(log))
+                self._on_success(completion, estimate)
+                return self._ok_result(row, completion, timing, t0, t1, attempt, tuple(log))
             assert error is not None
             retryable = is_retryable(error)
             self._on_failure(error, t0, t1, probe)
@@ -374,7 +377,7 @@ class Runner:
                 await self.sleep(wait)
         return None  # unreachable: the loop returns on the last attempt
 
-    def _on_success(self, now: float, completion: Completion, estimate: float) -> None:
+    def _on_success(self, completion: Completion, estimate: float) -> None:
         self.breaker.answered()
         if self.tpm is not None and completion.usage is not None:
             # Settle the estimate with what the server actually counted.
@@ -393,18 +396,13 @@ class Runner:
             self.stop(f"server unreachable since {since}: no answer for {now - down:.0f}s "
                       f"({self.state.attempts} attempts sent); last error: {error.message}")
 
-    def _ok_result(self, row: Row, c: Completion, t0: float, t1: float, attempts: int,
+    def _ok_result(self, row: Row, c: Completion, timing: dict[str, Any], t0: float, t1: float, attempts: int,
                    log: tuple[Attempt, ...]) -> Result:
-        if not c.chunk_times:  # not streamed: no timings to derive
+        if not timing:  # not streamed: no timings
             return Result(
                 id=row.id, index=row.index, status="ok", text=c.text, finish_reason=c.finish_reason,
                 usage=c.usage, model=c.model, latency_s=t1 - t0, attempts=attempts,
                 concurrency=self.state.limit, attempt_log=log, run=self.run_number, reasoning=c.reasoning)
-        timing: dict[str, Any] = {}
-        if c.started_at is not None and c.chunk_times:
-            # Streamed: the transport's perf_counter() times; t1 (same clock in a real run) ends the stream.
-            timing = stream_timings(c.started_at, c.chunk_times, t1,
-                                    c.usage.completion_tokens if c.usage else None)
         source = timing.get("output_tokens_source")
         return Result(
             id=row.id, index=row.index, status="ok", text=c.text, finish_reason=c.finish_reason,
@@ -415,6 +413,14 @@ class Runner:
             # No usage: the line still says how many output tokens were counted (chunks).
             extra={"output_tokens": timing["output_tokens"]} if source == "chunks" else {},
         )
+
+
+def _timing(c: Completion | None, end: float) -> dict[str, Any]:
+    """A streamed answer's TTFT, TPOT and ITL (stats.stream_timings); empty when there is nothing to time."""
+    if c is None or c.started_at is None or not c.chunk_times:
+        return {}
+    # The transport's perf_counter() times; ``end`` (the runner's clock, the same one in a real run) ends it.
+    return stream_timings(c.started_at, c.chunk_times, end, c.usage.completion_tokens if c.usage else None)
 
 
 def _estimate_tokens(body: bytes, row: Row, default_max_tokens: int | None) -> float:
