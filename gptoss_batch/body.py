@@ -41,7 +41,7 @@ class BodyBuilder:
             return self._route
         return "chat"
 
-    def build(self, row: Row, *, include_usage: bool = True) -> tuple[Route, bytes]:
+    def build(self, row: Row) -> tuple[Route, bytes]:
         route = self.route_for(row)
         body = {**self._defaults, **row.payload}
         if route == "chat" and "messages" not in body and isinstance(body.get("prompt"), str):
@@ -50,10 +50,9 @@ class BodyBuilder:
             body["prompt"] = _flatten_messages(body.pop("messages"))
         if self._stream:
             body["stream"] = True
-            if include_usage:
-                # Ask for the usage chunk (exact output tokens), keeping any other option the row set.
-                options = body.get("stream_options")
-                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            # Ask for the usage chunk (exact output tokens), keeping any other option the row set.
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         else:
             body.pop("stream", None)
             body.pop("stream_options", None)

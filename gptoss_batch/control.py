@@ -246,7 +246,6 @@ class Controller:
         self.settings = settings
         self.limit = self._clamp(settings.start_limit)
         self.phase: Phase = "startup"
-        self.decisions = 0
         self._window: _Window | None = None
         self._target = self.limit  # startup ramp: +1 per finished request until here
         self._ramp_cap: int | None = None  # and, while the server's queue is visible, not past this
@@ -322,7 +321,6 @@ class Controller:
             # The first signs of a queue end a slow-start ramp: measure here before deciding anything more.
             self._target = self.limit
             self._open(now_s)
-            self.decisions += 1
             return Decision(now_s, self.limit, self.limit, "ramp_stopped",
                             f"server queue building: growth paused at {self.limit}", self.phase)
         queue = self._sustained_queue()
@@ -485,7 +483,6 @@ class Controller:
         self.limit += 1
         if self.limit >= self._target:
             self._open(now_s)
-        self.decisions += 1
         event = "grow" if m is not None else "ramp"
         return Decision(now_s, self.limit, before, event, self._ramp_reason, self.phase, m, detail or {})
 
@@ -502,7 +499,6 @@ class Controller:
         if reset_probes:
             self._probe_every, self._since_probe, self._probe_step = 1, 0, PROBE_STEP
         self._open(now_s)
-        self.decisions += 1
         return Decision(now_s, new, before, event, reason, phase, m, detail or {})
 
     def _hold(self, now_s: float, m: Measurement, reason: str, detail: Mapping[str, Any] | None = None) -> Decision:

@@ -242,12 +242,11 @@ class StreamAccumulator:
     its time. ``on_text(text, reasoning)`` sees each piece as it arrives (the ``chat`` command prints them).
     """
 
-    __slots__ = ("_chat", "chunk_times", "finish_reason", "model", "on_text", "parts", "reasoning", "route",
-                 "started_at", "usage")
+    __slots__ = ("_chat", "chunk_times", "finish_reason", "model", "on_text", "parts", "reasoning", "started_at",
+                 "usage")
 
     def __init__(self, route: Route, started_at: float,
                  on_text: Callable[[str, bool], None] | None = None) -> None:
-        self.route = route
         self._chat = route == "chat"
         self.started_at = started_at
         self.on_text = on_text
@@ -425,7 +424,7 @@ def _translate(exc: Exception, url: str, timeouts: Timeouts, stream: bool) -> Tr
         return ConnectError(f"server disconnected before answering: {url}")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return StreamError(f"response cut short: {str(exc) or exc.__class__.__name__} ({url})")
-    if isinstance(exc, (aiohttp.ClientOSError, ConnectionResetError, BrokenPipeError)):
+    if isinstance(exc, aiohttp.ClientOSError):
         return ConnectError(f"connection error: {exc.strerror or str(exc) or exc.__class__.__name__} ({url})")
     if isinstance(exc, aiohttp.ClientResponseError):
         return ProtocolError(f"bad HTTP response: {exc.message or exc.__class__.__name__} ({url})")
