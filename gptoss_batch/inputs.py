@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Final, Literal, cast
 
 import orjson
 
-from .duplicates import IdCheck
+from .duplicates import Duplicate, IdCheck
 from .errors import ConfigError, InputError
 from .records import Route, Row
 
@@ -442,15 +442,30 @@ class InputSource:
             yield chain((first,), f) if first else iter(f)
 
     def _scan(self, *, emit: bool) -> Iterator[Row]:
-        # The check pass remembers ids in bounded memory (see duplicates.py); a pass after a completed check
-        # remembers none (the check's findings are in _duplicates); a pass without one (a stream, or rows()
-        # alone) keeps them in memory, since it cannot read the input again to confirm a candidate.
-        ids = IdCheck(spill=not self.single_pass) if not emit else None if self._row_count is not None \
-            else IdCheck(spill=False)
-        dups = self._duplicates if ids is None else {}
-        if self.format == "csv":
-            return self._scan_csv(emit=emit, ids=ids, dups=dups)
-        return self._scan_json(emit=emit, ids=ids, dups=dups)
+        # The check pass (never a stream) remembers ids in bounded memory (see duplicates.py); a pass after a
+        # completed check remembers none (the check's findings are in _duplicates); a pass without one (a
+        # stream, or rows() alone) keeps them in memory, since it cannot read the input again to confirm a
+        # candidate.
+        ids = IdCheck(spill=True) if not emit else None if self._row_count is not None else IdCheck(spill=False)
+        return self._pass(emit, ids, self._duplicates if ids is None else {})
+
+    def _pass(self, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> Iterator[Row]:
+        """One pass over the rows. ``ids`` tracks explicit ids (derived ones are unique by construction);
+        None: ``dups`` (line -> message) already says which rows are duplicates."""
+        try:
+            if self.format == "csv":
+                count = yield from self._scan_csv_rows(emit, ids, dups)
+            else:
+                count = yield from self._scan_json_rows(emit, ids, dups)
+            if count == 0:
+                raise self._no_rows()
+            if not emit:
+                if ids is not None:
+                    self._finish_ids(ids)
+                self._row_count = count
+        finally:
+            if ids is not None:
+                ids.close()
 
     def _finish_ids(self, ids: IdCheck) -> None:
         """End of the check pass: the duplicates found among spilled ids fail it, or are kept for rows()."""
@@ -462,23 +477,15 @@ class InputSource:
 
     def _ids_at(self, lines: set[int]) -> dict[int, str]:
         """The explicit ids on ``lines``, read again: the duplicate check's confirmation pass."""
-        scan = self._scan_csv if self.format == "csv" else self._scan_json
-        return {row.line: row.id for row in scan(emit=True, ids=None, dups={})
+        return {row.line: row.id for row in self._pass(True, None, {})
                 if row.line in lines and row.explicit_id and row.invalid is None}
 
     def _no_rows(self) -> InputError:
         return InputError(self.name, None, f"{'input' if self.single_pass else 'file'} has no rows")
 
-    def _scan_json(self, *, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> Iterator[Row]:
-        """``ids`` tracks explicit ids (derived ones are unique by construction); None: ``dups`` (line ->
-        message) already says which rows are duplicates."""
-        try:
-            yield from self._scan_json_rows(emit, ids, dups)
-        finally:
-            if ids is not None:
-                ids.close()
-
-    def _scan_json_rows(self, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> Iterator[Row]:
+    def _scan_json_rows(self, emit: bool, ids: IdCheck | None,
+                        dups: dict[int, str]) -> Generator[Row, None, int]:
+        """The rows of a JSON lines pass; returns their count."""
         parse = _parse_batch if self.format == "batch" else _parse_jsonl
         strict = self.options.on_invalid == "error"
         name = self.name
@@ -503,34 +510,22 @@ class InputSource:
                         else:
                             yield Row(rid, index, lineno, payload, route, True)
                 index += 1
-        if index == 0:
-            raise self._no_rows()
-        if not emit:
-            if ids is not None:
-                self._finish_ids(ids)
-            self._row_count = index
+        return index
 
     def _check_id(self, rid: str, line: int, emit: bool, ids: IdCheck | None, dups: dict[int, str]) -> None:
         """An explicit id: remembered by ``ids`` while it checks, or looked up in duplicates found earlier."""
         if ids is not None:
             if (first := ids.add(rid, line)) is not None:
-                message = f"duplicate id {rid!r} (first seen on line {first})"
+                message = Duplicate(line, rid, first).message
                 if not emit:
                     self._duplicates[line] = message  # for the rows() pass after this check (on_invalid="skip")
                 raise _Invalid(message)
         elif dups and line in dups:
             raise _Invalid(dups[line])
 
-    def _scan_csv(self, *, emit: bool, ids: IdCheck | None, dups: dict[int, str],
-                  header_only: bool = False) -> Iterator[Row]:
-        try:
-            yield from self._scan_csv_rows(emit, ids, dups, header_only)
-        finally:
-            if ids is not None:
-                ids.close()
-
     def _scan_csv_rows(self, emit: bool, ids: IdCheck | None, dups: dict[int, str],
-                       header_only: bool) -> Iterator[Row]:
+                       header_only: bool = False) -> Generator[Row, None, int]:
+        """The rows of a CSV pass; returns their count (0 with ``header_only``)."""
         strict = self.options.on_invalid == "error"
         name = self.name
         # The first undecodable line of the record being read; csv.reader reads no further than the
@@ -565,7 +560,7 @@ class InputSource:
                             raise InputError(name, bad[0][0], bad[0][1])
                         plan = _csv_plan(rec, self.options, name, start, guessed=self._detected_by == "content")
                         if header_only:
-                            return
+                            return 0
                         continue
                     lineno = start
                     try:
@@ -594,17 +589,10 @@ class InputSource:
             except csv.Error as exc:
                 # Record boundaries are lost after a quoting error, so it ends the pass even with skip.
                 raise InputError(name, end + 1, f"malformed CSV: {exc}") from None
-        if header_only:
-            return
-        if index == 0:
-            raise self._no_rows()
-        if not emit:
-            if ids is not None:
-                self._finish_ids(ids)
-            self._row_count = index
+        return index
 
     def _check_header(self) -> None:
-        for _ in self._scan_csv(emit=False, ids=None, dups={}, header_only=True):
+        for _ in self._scan_csv_rows(False, None, {}, header_only=True):
             pass
 
 
