@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,6 @@ class OutputIndex:
     lines: int = 0
     corrupt_lines: int = 0
     torn_tail_bytes: int = 0
-
-    def final_line(self, row_id: str) -> int | None:
-        v = self.ids.get(row_id)
-        return None if v is None else _final_line(v)
 
 
 def _complete_lines(path: Path) -> Iterator[bytes]:
@@ -177,10 +173,7 @@ def verify(input_path: str, output: str | Path, options: InputOptions | None = N
     out = Path(output)
     if not out.exists():
         raise OutputError(f"{out}: no such results file")
-    opts = options or InputOptions()
-    source = open_input(input_path, InputOptions(format=opts.format, prompt_column=opts.prompt_column,
-                                                 template=opts.template, id_column=opts.id_column,
-                                                 on_invalid="skip"))
+    source = open_input(input_path, replace(options or InputOptions(), on_invalid="skip"))
     idx = index_output(out)
     ids = idx.ids
     partials = sorted(glob.glob(glob.escape(str(out)) + ".partial-*"))

@@ -24,7 +24,7 @@ from gptoss_batch.sink import (
     scan_output,
     write_json_atomic,
 )
-from gptoss_batch.verify import index_output, summarize_output, verify
+from gptoss_batch.verify import _final_line, index_output, summarize_output, verify
 from tests.cli_helpers import write_jsonl
 from tests.fakes import FakeClock, MemorySink
 
@@ -389,7 +389,8 @@ def test_index_counts_ok_lines_per_id(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     write_lines(out, ok("a"), ok("a"), ok("a"), err("b"))
     idx = index_output(out)
-    assert idx.lines == 4 and idx.final_line("a") == 2 and idx.final_line("b") == 3 and idx.final_line("c") is None
+    assert idx.lines == 4 and idx.ids.keys() == {"a", "b"}
+    assert _final_line(idx.ids["a"]) == 2 and _final_line(idx.ids["b"]) == 3
 
 
 def test_a_second_torn_line_from_the_same_second_gets_its_own_file(tmp_path: Path,
@@ -408,4 +409,4 @@ def test_verify_splits_lines_on_newlines_only(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     write_lines(out, ok("a"), b'{"id":"x\ry","status":"ok"}\n', ok("b"))
     idx = index_output(out)
-    assert idx.lines == 2 and idx.corrupt_lines == 1 and idx.final_line("b") == 2
+    assert idx.lines == 2 and idx.corrupt_lines == 1 and _final_line(idx.ids["b"]) == 2
