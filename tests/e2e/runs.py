@@ -61,21 +61,34 @@ def start_run(server: ServerHandle, inp: Path, out: Path, *extra: str) -> subpro
 
 
 def kill_after_lines(proc: subprocess.Popen[bytes], out: Path, lines: int, timeout_s: float = 240.0) -> int:
-    """SIGKILL ``proc`` once ``out`` holds at least ``lines`` complete lines; returns how many it held.
-    Polls the file: a killed writer cannot tell us anything, and the file is what a crash leaves behind."""
+    """SIGKILL ``proc`` once ``out`` holds at least ``lines`` complete lines; returns how many it held once dead
+    (counted again after the kill: lines written between the last poll and the kill count too). Polls the
+    file: a killed writer cannot tell us anything, and the file is what a crash leaves behind."""
     deadline = time.monotonic() + timeout_s
-    count = 0
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            count = out.read_bytes().count(b"\n") if out.exists() else 0
-            if count >= lines:
+            if out.exists() and out.read_bytes().count(b"\n") >= lines:
                 break
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    return count
+    return out.read_bytes().count(b"\n") if out.exists() else 0
+
+
+def assert_a_killed_run_resumes(server: ServerHandle, tmp_path: Path, rows: int, kill_at: int, *args: str) -> None:
+    """SIGKILL a run once ``kill_at`` lines are written, rerun the same command: it skips exactly the rows the
+    killed run finished, ends with exit 0, and ``verify`` finds one final line per row."""
+    inp, out = write_prompts(tmp_path / "in.jsonl", prompts(rows)), tmp_path / "out.jsonl"
+    done_before = kill_after_lines(start_run(server, inp, out, *args), out, lines=kill_at)
+    assert kill_at <= done_before < rows, "the run should have been killed mid-way"
+
+    resumed = run(server, inp, out, *args)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert summary(out)["skipped"] == len({r["id"] for r in results(out)[:done_before] if r["status"] == "ok"})
+    check = gptoss("verify", str(inp), str(out))
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 def results(out: Path) -> list[dict[str, Any]]:
@@ -126,8 +139,3 @@ def error_line(out: Path, row_id: str) -> dict[str, Any]:
     assert line["status"] == "error", line
     error: dict[str, Any] = line["error"]
     return {**error, "attempts": line["attempts"]}
-
-
-def supports(*cli_args: str) -> bool:
-    """Whether this build of the CLI has a command or option (some are built alongside this suite)."""
-    return gptoss(*cli_args, timeout=60).returncode == 0

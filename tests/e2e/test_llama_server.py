@@ -17,15 +17,13 @@ from scripts.real_servers import LLAMA_PARALLEL, ROOT, ServerHandle
 from tests.cli_helpers import gptoss
 from tests.e2e.runs import (
     CLI_TIMEOUT_S,
+    assert_a_killed_run_resumes,
     assert_clean_run,
     error_line,
-    kill_after_lines,
     prompts,
     results,
     run,
-    start_run,
     summary,
-    supports,
     write_prompts,
 )
 
@@ -60,17 +58,9 @@ def test_at_temperature_zero_with_one_slot_the_text_is_the_same_plain_streamed_a
 
 
 def test_a_run_killed_mid_way_resumes_to_exactly_one_ok_line_per_row(llama: ServerHandle, tmp_path: Path) -> None:
-    rows = prompts(12)
-    inp, out = write_prompts(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
-    args = ("--route", "completions", "--max-tokens", "16", "-n", "2", "--stream", "--fsync", "always")
-    done_before = kill_after_lines(start_run(llama, inp, out, *args), out, lines=3)
-    assert 3 <= done_before < len(rows), "the run should have been killed mid-way"
-
-    resumed = run(llama, inp, out, *args)
-    assert resumed.returncode == 0, resumed.stderr.decode()
-    assert summary(out)["skipped"] == len({r["id"] for r in results(out)[:done_before]})
-    check = gptoss("verify", str(inp), str(out))
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert_a_killed_run_resumes(llama, tmp_path, 12, 3,
+                                "--route", "completions", "--max-tokens", "16", "-n", "2", "--stream",
+                                "--fsync", "always")
 
 
 def test_a_prompt_longer_than_the_slot_context_is_one_clear_error_line_not_retried(
@@ -123,8 +113,6 @@ def test_metrics_has_the_gauges_concurrency_auto_and_sweep_read(llama: ServerHan
 
 def test_sweep_shows_the_server_running_at_most_its_four_slots_and_queueing_the_rest(
         llama: ServerHandle, tmp_path: Path) -> None:
-    if not supports("sweep", "--help"):
-        pytest.skip("`gptoss-batch sweep` is not in this build yet")
     inp = write_prompts(tmp_path / "in.jsonl", prompts(16))
     report = tmp_path / "sweep"
     proc = gptoss("sweep", str(inp), "--base-url", llama.base_url, "--model", llama.model, "--route", "completions",
@@ -146,8 +134,6 @@ def test_sweep_shows_the_server_running_at_most_its_four_slots_and_queueing_the_
 
 
 def test_concurrency_auto_settles_within_one_doubling_of_the_four_slots(llama: ServerHandle, tmp_path: Path) -> None:
-    if not supports("run", "--help") or b"auto" not in gptoss("run", "--help").stdout:
-        pytest.skip("`--concurrency auto` is not in this build yet")
     rows = prompts(48)
     inp, out = write_prompts(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     proc = run(llama, inp, out, "--route", "completions", "--max-tokens", "16", "--param", "ignore_eos=true",

@@ -16,13 +16,12 @@ from scripts.real_servers import ROOT, TINY_MAX_POSITIONS, ServerHandle
 from tests.cli_helpers import gptoss
 from tests.e2e.runs import (
     CLI_TIMEOUT_S,
+    assert_a_killed_run_resumes,
     assert_clean_run,
     error_line,
-    kill_after_lines,
     prompts,
     results,
     run,
-    start_run,
     summary,
     write_prompts,
 )
@@ -55,17 +54,8 @@ def test_the_transformers_serve_preset_works_as_it_is_given_the_servers_address(
 
 
 def test_a_run_killed_mid_way_resumes_to_exactly_one_ok_line_per_row(hf: ServerHandle, tmp_path: Path) -> None:
-    rows = prompts(300)
-    inp, out = write_prompts(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
-    args = ("--route", "completions", "--max-tokens", "16", "-n", "2", "--fsync", "always")
-    done_before = kill_after_lines(start_run(hf, inp, out, *args), out, lines=20)
-    assert 20 <= done_before < len(rows), "the run should have been killed mid-way"
-
-    resumed = run(hf, inp, out, *args)
-    assert resumed.returncode == 0, resumed.stderr.decode()
-    assert summary(out)["skipped"] >= 20
-    check = gptoss("verify", str(inp), str(out))
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    assert_a_killed_run_resumes(hf, tmp_path, 300, 20,
+                                "--route", "completions", "--max-tokens", "16", "-n", "2", "--fsync", "always")
 
 
 def test_an_unknown_parameter_is_a_clear_error_line_not_retried(hf: ServerHandle, tmp_path: Path) -> None:
@@ -102,8 +92,6 @@ def test_a_prompt_longer_than_the_models_positions_is_answered_not_refused(hf: S
 
 def test_concurrency_auto_runs_without_metrics_on_latency_alone(hf: ServerHandle, tmp_path: Path) -> None:
     """No /metrics (404): --concurrency auto says so in the summary and tunes from latency alone."""
-    if b"auto" not in gptoss("run", "--help").stdout:
-        pytest.skip("`--concurrency auto` is not in this build yet")
     rows = prompts(120)
     inp, out = write_prompts(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     proc = run(hf, inp, out, "--route", "completions", "--max-tokens", "8", "--concurrency", "auto",
