@@ -93,7 +93,8 @@ async def test_attempts_are_bounded_by_max_attempts() -> None:
     assert sink.results[0].attempts == 3 and len(transport.calls) == 3
 
 
-async def test_429_with_retry_after_pauses_every_worker() -> None:
+async def test_a_429_with_retry_after_trips_the_shared_cooldown_for_the_hinted_time() -> None:
+    # That every worker waits in it: test_limits.test_a_429_pauses_every_worker_for_the_hinted_time.
     clock = FakeClock()
     transport = FakeTransport(script={"p0": [HTTPStatusError("slow down", status=429, headers={"Retry-After": "7"})]})
     runner = make(RunConfig(concurrency=4), transport, MemorySink(), clock)

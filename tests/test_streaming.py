@@ -110,6 +110,7 @@ def test_a_cut_stream_is_retried_from_the_start_and_its_partial_text_is_never_wr
     assert cut and all(r["error"]["kind"] == "stream" and "text" not in r for r in cut)
     assert all(r["text"] == text[r["id"]] for r in once if r["status"] == "ok")
     # With retries every row ends ok, with exactly the text of an uncut stream: nothing from a cut attempt.
+    assert len(truth) == len(once) == len(retried) == 24
     assert all(r["status"] == "ok" and r["text"] == text[r["id"]] for r in retried)
     assert any(a["kind"] == "stream" for r in retried for a in r.get("attempt_log", []))
     assert summary["retries_by_cause"].get("stream", 0) >= 1
@@ -118,6 +119,7 @@ def test_a_cut_stream_is_retried_from_the_start_and_its_partial_text_is_never_wr
 def test_a_stall_mid_stream_fails_the_attempt_at_the_read_timeout_without_text(tmp_path: Path) -> None:
     with start_sim("--ttft-s", "0.02", "--itl-s", "30", "--min-tokens", "3") as stalling:
         lines, _, _ = stream_run(stalling, tmp_path, 2, "--read-timeout", "0.3", "--max-attempts", "1")
+    assert len(lines) == 2
     for r in lines:
         assert r["status"] == "error" and r["error"]["kind"] == "timeout" and "text" not in r
         assert 0.3 <= r["latency_s"] < 5
