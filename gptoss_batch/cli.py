@@ -3,8 +3,10 @@ codes. No logic of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -54,6 +56,28 @@ HeaderOption = Annotated[list[str] | None, typer.Option(
 ConnectTimeoutOption = Annotated[float | None, typer.Option(
     "--connect-timeout", help="Seconds to connect (default 10).", rich_help_panel=CONN)]
 
+# Options shared word for word by run and sweep.
+MaxTokensOption = Annotated[int | None, typer.Option(
+    help="Default max_tokens (rows may override).", rich_help_panel=REQ)]
+TemperatureOption = Annotated[float | None, typer.Option(help="Default temperature.", rich_help_panel=REQ)]
+TopPOption = Annotated[float | None, typer.Option(help="Default top_p.", rich_help_panel=REQ)]
+BackoffInitialOption = Annotated[float | None, typer.Option(
+    help="First backoff cap in seconds (default 0.5).", rich_help_panel=LOAD)]
+BackoffMaxOption = Annotated[float | None, typer.Option(
+    help="Largest backoff in seconds (default 30).", rich_help_panel=LOAD)]
+MaxRetryAfterOption = Annotated[float | None, typer.Option(
+    help="Cap on a server's Retry-After hint, seconds (default 120).", rich_help_panel=LOAD)]
+RequestTimeoutOption = Annotated[float | None, typer.Option(
+    help="Seconds for a whole attempt (default 300).", rich_help_panel=CONN)]
+TemplateOption = Annotated[str | None, typer.Option(
+    help="CSV prompt template with {column} placeholders.", rich_help_panel=INP)]
+IdColumnOption = Annotated[str | None, typer.Option(help="CSV column holding each row's id.", rich_help_panel=INP)]
+
+# Shared word for word by run and chat.
+ParamOption = Annotated[list[str] | None, typer.Option(
+    "--param", help="Extra body field key=value (value parsed as JSON when it can be), e.g. --param seed=7 "
+    "(repeatable).", rich_help_panel=REQ)]
+
 
 def err_console() -> Console:
     return Console(stderr=True)
@@ -94,6 +118,34 @@ def load_run_config(config: Path | None, flags: dict[str, Any]) -> tuple[Any, di
     return cfg, file_values
 
 
+def _input_options(file_values: Mapping[str, Any], input_format: str, prompt_column: str | None,
+                   template: str | None, id_column: str | None, on_invalid: str = "error") -> InputOptions:
+    """The input flags, with the config file's values where a flag was not given. InputOptions rejects an
+    unknown format or on_invalid (ConfigError)."""
+    return InputOptions(
+        format=file_values.get("input_format", input_format) if input_format == "auto" else input_format,  # type: ignore[arg-type]
+        prompt_column=prompt_column or file_values.get("prompt_column"),
+        template=template or file_values.get("template"),
+        id_column=id_column or file_values.get("id_column"),
+        on_invalid=on_invalid,  # type: ignore[arg-type]
+    )
+
+
+@contextlib.contextmanager
+def _exit_on_run_errors(console: Console) -> Iterator[None]:
+    """run's and sweep's errors as exit codes: LockedError before OutputError, its base class."""
+    try:
+        yield
+    except (ConfigError, InputError, ResumeMismatchError) as exc:
+        fail(console, str(exc), EXIT_USAGE)
+    except LockedError as exc:
+        fail(console, str(exc), EXIT_LOCKED)
+    except OutputError as exc:
+        fail(console, output_error_message(exc), EXIT_OUTPUT)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGINT) from None
+
+
 @app.command()
 def run(
     input: Annotated[str, typer.Argument(help="Prompt file: JSONL, OpenAI Batch JSONL or CSV; '-' reads stdin.",
@@ -111,12 +163,10 @@ def run(
     route: Annotated[str | None, typer.Option(help="chat or completions. Default: the row's own route (Batch "
                      "API url), else chat; a prompt row on chat becomes one user message.",
                      rich_help_panel=REQ)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Default max_tokens (rows may override).",
-                          rich_help_panel=REQ)] = None,
-    temperature: Annotated[float | None, typer.Option(help="Default temperature.", rich_help_panel=REQ)] = None,
-    top_p: Annotated[float | None, typer.Option(help="Default top_p.", rich_help_panel=REQ)] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (value parsed "
-                     "as JSON when it can be), e.g. --param seed=7 (repeatable).", rich_help_panel=REQ)] = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    param: ParamOption = None,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Stream responses (SSE) to "
                       "measure TTFT, TPOT and inter-token latency.", rich_help_panel=REQ)] = None,
     concurrency: Annotated[str | None, typer.Option("--concurrency", "-n", help="Requests in flight at most "
@@ -143,12 +193,9 @@ def run(
                    "with usage after).", rich_help_panel=LOAD)] = None,
     max_attempts: Annotated[int | None, typer.Option(help="Attempts per row, the first included (default 6; 1 "
                             "disables retries).", rich_help_panel=LOAD)] = None,
-    backoff_initial: Annotated[float | None, typer.Option(help="First backoff cap in seconds (default 0.5).",
-                               rich_help_panel=LOAD)] = None,
-    backoff_max: Annotated[float | None, typer.Option(help="Largest backoff in seconds (default 30).",
-                           rich_help_panel=LOAD)] = None,
-    max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
-                               "(default 120).", rich_help_panel=LOAD)] = None,
+    backoff_initial: BackoffInitialOption = None,
+    backoff_max: BackoffMaxOption = None,
+    max_retry_after: MaxRetryAfterOption = None,
     unavailable_after: Annotated[float | None, typer.Option(help="End the run (exit 1, resumable) when every "
                                  "attempt has failed with connection errors, timeouts or 5xx for this many "
                                  "seconds (default 60). Meanwhile the server gets one probe at a time, on the "
@@ -156,8 +203,7 @@ def run(
     connect_timeout: ConnectTimeoutOption = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails "
                             "(default: the request timeout; 60 when streaming).", rich_help_panel=CONN)] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
-                               rich_help_panel=CONN)] = None,
+    request_timeout: RequestTimeoutOption = None,
     deadline: Annotated[float | None, typer.Option(help="Seconds for the whole run; unfinished rows are left "
                         "for a resumed run.", rich_help_panel=LOAD)] = None,
     max_error_rate: Annotated[float | None, typer.Option(help="Stop early (exit 1) once more than this "
@@ -172,10 +218,8 @@ def run(
                             rich_help_panel=INP)] = "auto",
     prompt_column: Annotated[str | None, typer.Option(help="CSV column holding the prompt (default 'prompt').",
                              rich_help_panel=INP)] = None,
-    template: Annotated[str | None, typer.Option(help="CSV prompt template with {column} placeholders.",
-                        rich_help_panel=INP)] = None,
-    id_column: Annotated[str | None, typer.Option(help="CSV column holding each row's id.",
-                         rich_help_panel=INP)] = None,
+    template: TemplateOption = None,
+    id_column: IdColumnOption = None,
     on_invalid: Annotated[str, typer.Option(help="error: an invalid row stops the run before any request "
                           "(exit 2). skip: record it as an error line and go on.", rich_help_panel=INP)] = "error",
     overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Start afresh: the existing output is "
@@ -223,37 +267,20 @@ def run(
         "retry_failed": retry_failed, "force_resume": force_resume, "fsync": fsync,
         "drain_timeout": drain_timeout, "progress": progress, "ordered": ordered,
     }
-    try:
+    with _exit_on_run_errors(console):
         if concurrency_from is not None:
             from gptoss_batch.sweep import concurrency_from_sweep
 
             flags["concurrency"], note = concurrency_from_sweep(concurrency_from, concurrency)
             console.print(note, highlight=False, soft_wrap=True)
         cfg, file_values = load_run_config(config, flags)
-        if input_format not in {"auto", "jsonl", "batch", "csv"}:
-            raise ConfigError(f"--input-format {input_format!r}: must be auto, jsonl, batch or csv")
-        if on_invalid not in {"error", "skip"}:
-            raise ConfigError(f"--on-invalid {on_invalid!r}: must be error or skip")
-        options = InputOptions(
-            format=file_values.get("input_format", input_format) if input_format == "auto" else input_format,  # type: ignore[arg-type]
-            prompt_column=prompt_column or file_values.get("prompt_column"),
-            template=template or file_values.get("template"),
-            id_column=id_column or file_values.get("id_column"),
-            on_invalid=on_invalid if on_invalid != "error" else file_values.get("on_invalid", "error"),  # type: ignore[arg-type]
-        )
+        options = _input_options(file_values, input_format, prompt_column, template, id_column,
+                                 on_invalid if on_invalid != "error" else file_values.get("on_invalid", "error"))
         spec = JobSpec(input, output, options, summary)
         if hasattr(signal, "SIGXFSZ"):
             # Past a file-size limit, get EFBIG from write() (handled) instead of being killed.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         result = run_async(run_job, cfg, spec, console)
-    except (ConfigError, InputError, ResumeMismatchError) as exc:
-        fail(console, str(exc), EXIT_USAGE)
-    except LockedError as exc:
-        fail(console, str(exc), EXIT_LOCKED)
-    except OutputError as exc:
-        fail(console, output_error_message(exc), EXIT_OUTPUT)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_SIGINT) from None
     if result.outcome is not None and result.outcome.output_error is not None:
         message = escape(output_error_message(result.outcome.output_error))
         console.print(f"[bold red]error:[/] {message}", highlight=False)
@@ -292,8 +319,6 @@ def verify(
 
     console = err_console()
     try:
-        if input_format not in {"auto", "jsonl", "batch", "csv"}:
-            raise ConfigError(f"--input-format {input_format!r}: must be auto, jsonl, batch or csv")
         options = InputOptions(format=input_format, prompt_column=prompt_column,  # type: ignore[arg-type]
                                template=template, id_column=id_column)
         report = verify_output(input, output, options)
@@ -389,10 +414,9 @@ def sweep(
                               rich_help_panel=CONN)] = None,
     route: Annotated[str | None, typer.Option(help="chat or completions (default: the row's own, else chat).",
                      rich_help_panel=REQ)] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Default max_tokens (rows may override).",
-                          rich_help_panel=REQ)] = None,
-    temperature: Annotated[float | None, typer.Option(help="Default temperature.", rich_help_panel=REQ)] = None,
-    top_p: Annotated[float | None, typer.Option(help="Default top_p.", rich_help_panel=REQ)] = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (repeatable).",
                      rich_help_panel=REQ)] = None,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Stream responses, to measure TTFT "
@@ -402,24 +426,18 @@ def sweep(
                           rich_help_panel=LOAD)] = False,
     max_attempts: Annotated[int | None, typer.Option(help="Attempts per row, the first included (default 6).",
                             rich_help_panel=LOAD)] = None,
-    backoff_initial: Annotated[float | None, typer.Option(help="First backoff cap in seconds (default 0.5).",
-                               rich_help_panel=LOAD)] = None,
-    backoff_max: Annotated[float | None, typer.Option(help="Largest backoff in seconds (default 30).",
-                           rich_help_panel=LOAD)] = None,
-    max_retry_after: Annotated[float | None, typer.Option(help="Cap on a server's Retry-After hint, seconds "
-                               "(default 120).", rich_help_panel=LOAD)] = None,
+    backoff_initial: BackoffInitialOption = None,
+    backoff_max: BackoffMaxOption = None,
+    max_retry_after: MaxRetryAfterOption = None,
     connect_timeout: ConnectTimeoutOption = None,
     read_timeout: Annotated[float | None, typer.Option(help="Seconds without a byte before an attempt fails.",
                             rich_help_panel=CONN)] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds for a whole attempt (default 300).",
-                               rich_help_panel=CONN)] = None,
+    request_timeout: RequestTimeoutOption = None,
     input_format: Annotated[str, typer.Option(help="auto, jsonl, batch or csv.", rich_help_panel=INP)] = "auto",
     prompt_column: Annotated[str | None, typer.Option(help="CSV column holding the prompt.",
                              rich_help_panel=INP)] = None,
-    template: Annotated[str | None, typer.Option(help="CSV prompt template with {column} placeholders.",
-                        rich_help_panel=INP)] = None,
-    id_column: Annotated[str | None, typer.Option(help="CSV column holding each row's id.",
-                         rich_help_panel=INP)] = None,
+    template: TemplateOption = None,
+    id_column: IdColumnOption = None,
     progress: Annotated[str | None, typer.Option(help="rich, plain or none (default rich on a terminal).",
                         rich_help_panel=OUT)] = None,
 ) -> None:
@@ -446,27 +464,14 @@ def sweep(
         "progress": progress, "metrics_url": metrics_url, "server_metrics": server_metrics,
         "max_concurrency": max_concurrency,
     }
-    try:
+    with _exit_on_run_errors(console):
         if no_retries and max_attempts is not None:
             raise ConfigError("give --no-retries or --max-attempts, not both")
         cfg, file_values = load_run_config(config, flags)
         plan = make_plan(levels=levels, rates=rates, requests_per_level=requests_per_level, duration_s=duration,
                          warmup=warmup, seed=seed, max_concurrency=cfg.max_concurrency)
-        options = InputOptions(
-            format=file_values.get("input_format", input_format) if input_format == "auto" else input_format,  # type: ignore[arg-type]
-            prompt_column=prompt_column or file_values.get("prompt_column"),
-            template=template or file_values.get("template"),
-            id_column=id_column or file_values.get("id_column"),
-        )
+        options = _input_options(file_values, input_format, prompt_column, template, id_column)
         result = run_async(run_sweep, cfg, plan, SweepSpec(input, options, report_dir, overwrite), console)
-    except (ConfigError, InputError) as exc:
-        fail(console, str(exc), EXIT_USAGE)
-    except LockedError as exc:
-        fail(console, str(exc), EXIT_LOCKED)
-    except OutputError as exc:
-        fail(console, output_error_message(exc), EXIT_OUTPUT)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_SIGINT) from None
     raise typer.Exit(result.exit_code)
 
 
@@ -484,8 +489,7 @@ def chat(
     max_tokens: Annotated[int | None, typer.Option(help="max_tokens for the answer.", rich_help_panel=REQ)] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.", rich_help_panel=REQ)] = None,
     top_p: Annotated[float | None, typer.Option(help="top_p.", rich_help_panel=REQ)] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", help="Extra body field key=value (value parsed "
-                     "as JSON when it can be), e.g. --param seed=7 (repeatable).", rich_help_panel=REQ)] = None,
+    param: ParamOption = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive (default), "
                       "or the whole answer at the end.", rich_help_panel=REQ)] = True,
     connect_timeout: ConnectTimeoutOption = None,
