@@ -26,7 +26,7 @@ from gptoss_batch.config import RunConfig, describe
 from gptoss_batch.errors import OutputError
 from gptoss_batch.inputs import InputOptions, InputSource, open_input
 from gptoss_batch.records import Row
-from gptoss_batch.report import PROGRESS_REFRESH_S, make_display, print_summary
+from gptoss_batch.report import make_display, print_summary, tick_forever
 from gptoss_batch.runner import Runner, RunOutcome, Transport
 from gptoss_batch.sink import (
     JsonlSink,
@@ -83,20 +83,12 @@ def summary_path_for(spec: JobSpec) -> Path | None:
 def _filtered(rows: Iterator[Row], scan: ScanResult, retry_failed: bool, counter: list[int]) -> Iterator[Row]:
     """Skip rows already done (latest line ok, or an error kept by --no-retry-failed);
     counter = [rows skipped, of which ok]."""
-    latest = scan.latest
     for row in rows:
-        status = latest.get(row.id)
-        if status is not None and (status or not retry_failed):
+        if scan.is_done(row.id, retry_failed):
             counter[0] += 1
-            counter[1] += status
+            counter[1] += scan.latest[row.id]
             continue
         yield row
-
-
-async def _ticker(display: Any) -> None:
-    while True:
-        await anyio.sleep(PROGRESS_REFRESH_S)
-        display.tick()
 
 
 TransportFactory = Callable[[RunConfig], AbstractAsyncContextManager[Transport]]
@@ -195,7 +187,8 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
         runner.state.total = total
         if total is not None:
             # With a known total, rows already done are known up front too (they are skipped on reading).
-            runner.state.skipped = min(total, sum(1 for ok in scan.latest.values() if ok or not cfg.retry_failed))
+            done = sum(1 for row_id in scan.latest if scan.is_done(row_id, cfg.retry_failed))
+            runner.state.skipped = min(total, done)
         # --concurrency auto: the controller's driver takes over the runner's limit from its first request.
         driver = AdaptiveDriver(cfg, runner, transport if isinstance(transport, Pool) else None) \
             if cfg.auto_concurrency else None
@@ -209,7 +202,7 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
             display.start()
             try:
                 async with anyio.create_task_group() as ticking:
-                    ticking.start_soon(_ticker, display)
+                    ticking.start_soon(tick_forever, display)
                     if driver is not None:
                         ticking.start_soon(driver.run)
                     outcome = await runner.run(rows, threaded_reads=spec.input_path == "-")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import anyio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn
 from rich.table import Table
@@ -19,7 +20,15 @@ PROGRESS_REFRESH_S = 0.25
 PLAIN_INTERVAL_S = 10.0
 
 
-def _fmt_s(x: float | None) -> str:
+async def tick_forever(display: Display) -> None:
+    """Refresh ``display`` every PROGRESS_REFRESH_S until cancelled."""
+    while True:
+        await anyio.sleep(PROGRESS_REFRESH_S)
+        display.tick()
+
+
+def fmt_s(x: float | None) -> str:
+    """Seconds for people: "840 ms", "2.31 s", "-" for none."""
     if x is None:
         return "-"
     if x < 1:
@@ -146,11 +155,12 @@ class NoDisplay:
         self.console.print(text, highlight=False, soft_wrap=True, markup=False)
 
 
-def make_display(mode: str, console: Console, state: RunState) -> Display:
+def make_display(mode: str, console: Console, state: RunState, description: str = "rows") -> Display:
+    """``description`` labels the rich bar."""
     if mode == "auto":
         mode = "rich" if console.is_terminal else "plain"
     if mode == "rich":
-        return RichDisplay(console, state)
+        return RichDisplay(console, state, description)
     if mode == "plain":
         return PlainDisplay(console, state)
     return NoDisplay(console)
@@ -166,12 +176,12 @@ def format_summary(summary: Mapping[str, Any], title: str = "Run summary") -> Ta
     t.add_row("rows", f"{rows['ok']} ok, {rows['failed']} failed" + (f" of {total}" if total is not None else ""))
     if summary.get("skipped"):
         t.add_row("skipped (already done)", str(summary["skipped"]))
-    t.add_row("wall time", _fmt_s(summary["wall_s"]))
+    t.add_row("wall time", fmt_s(summary["wall_s"]))
     t.add_row("throughput", f"{summary['requests_per_s']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output tok/s")
     for key, label in (("latency_s", "latency"), ("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL")):
         d = summary.get(key)
         if d and d.get("mean") is not None:
-            t.add_row(label, "  ".join(f"{k} {_fmt_s(d[k])}" for k in ("mean", "p50", "p90", "p95", "p99")))
+            t.add_row(label, "  ".join(f"{k} {fmt_s(d[k])}" for k in ("mean", "p50", "p90", "p95", "p99")))
     if summary.get("goodput"):
         g = summary["goodput"]
         t.add_row("goodput", f"{g['rows']} rows met the SLOs ({(g['share'] or 0):.1%}), {g['per_s']:.2f}/s")

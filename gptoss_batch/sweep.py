@@ -36,7 +36,7 @@ from gptoss_batch.inputs import InputOptions, open_input
 from gptoss_batch.job import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, TransportFactory, default_transport
 from gptoss_batch.metrics import MetricsPoller, TextGetter, metrics_url_for
 from gptoss_batch.records import Result, Row
-from gptoss_batch.report import PROGRESS_REFRESH_S, Display, RichDisplay, make_display
+from gptoss_batch.report import fmt_s, make_display, tick_forever
 from gptoss_batch.runner import Runner
 from gptoss_batch.sink import JsonlSink, OutputLock, move_aside, write_json_atomic
 from gptoss_batch.stats import SummaryBuilder
@@ -263,7 +263,7 @@ def disqualified(fig: Mapping[str, Any], slos: Mapping[str, float]) -> str | Non
         if value is None:
             return f"no {name} measured (SLOs on ttft, tpot and itl need --stream)"
         if value > limit:
-            return f"{name} p90 {_secs(value)} is above the SLO of {_secs(limit)}"
+            return f"{name} p90 {fmt_s(value)} is above the SLO of {fmt_s(limit)}"
     return None
 
 
@@ -298,7 +298,7 @@ def recommendation_sentence(rec: Mapping[str, Any] | None, mode: Mode,
                             slos: Mapping[str, float] | None = None) -> str:
     """The recommendation in one sentence, for the terminal and the reports."""
     slos = rec["slos"] if rec is not None else (slos or {})
-    slo_text = (" and within the SLOs (" + ", ".join(f"{k} p90 ≤ {_secs(v)}" for k, v in sorted(slos.items())) + ")"
+    slo_text = (" and within the SLOs (" + ", ".join(f"{k} p90 ≤ {fmt_s(v)}" for k, v in sorted(slos.items())) + ")"
                 if slos else "")
     if rec is None:
         return (f"No level can be recommended: every one had failed requests{' or missed an SLO' if slos else ''} "
@@ -311,10 +311,10 @@ def recommendation_sentence(rec: Mapping[str, Any] | None, mode: Mode,
     if mode == "rate":
         return (f"Recommended rate: {rec['level']:g} requests/s, the lowest within {1 - KNEE_SHARE:.0%} of the best "
                 f"throughput ({rec['ok_per_s']:.2f} req/s done, {best}), every request ok{slo_text}, p95 latency "
-                f"{_secs(rec['latency_p95_s'])}; that is about concurrency {rec['concurrency']} (Little's law).")
+                f"{fmt_s(rec['latency_p95_s'])}; that is about concurrency {rec['concurrency']} (Little's law).")
     return (f"Recommended concurrency: {rec['concurrency']}, the lowest level within {1 - KNEE_SHARE:.0%} of the "
             f"best throughput ({rec['ok_per_s']:.2f} req/s, {best}; {rec['output_tokens_per_s']:.0f} output "
-            f"tok/s), every request ok{slo_text}, p95 latency {_secs(rec['latency_p95_s'])}.")
+            f"tok/s), every request ok{slo_text}, p95 latency {fmt_s(rec['latency_p95_s'])}.")
 
 
 def next_auto_level(records: Sequence[Mapping[str, Any]], ceiling: int) -> int | None:
@@ -335,12 +335,6 @@ def next_auto_level(records: Sequence[Mapping[str, Any]], ceiling: int) -> int |
 
 
 # -- report text (pure) -----------------------------------------------------------------------------------
-
-def _secs(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
-
 
 def _num(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
@@ -449,16 +443,16 @@ def format_table(doc: Mapping[str, Any]) -> Table:
     cols: list[Column] = [
         ("rate/s" if mode == "rate" else "concurrency", lambda f: f"{f['level']:g}"),
         ("ok", lambda f: f"{f['ok']}/{f['requests']}"),
-        ("mean", lambda f: _secs(f["latency_mean_s"])),
-        ("p50", lambda f: _secs(f["latency_p50_s"])),
-        ("p95", lambda f: _secs(f["latency_p95_s"])),
-        ("p99", lambda f: _secs(f["latency_p99_s"])),
+        ("mean", lambda f: fmt_s(f["latency_mean_s"])),
+        ("p50", lambda f: fmt_s(f["latency_p50_s"])),
+        ("p95", lambda f: fmt_s(f["latency_p95_s"])),
+        ("p99", lambda f: fmt_s(f["latency_p99_s"])),
         ("req/s", lambda f: _num(f["requests_per_s"], 2)),
         ("tok/s", lambda f: _num(f["output_tokens_per_s"], 0)),
     ]
     if _has(figs, "ttft_p50_s"):
-        cols += [("TTFT p50", lambda f: _secs(f["ttft_p50_s"])), ("TTFT p95", lambda f: _secs(f["ttft_p95_s"])),
-                 ("TPOT p50", lambda f: _secs(f["tpot_p50_s"]))]
+        cols += [("TTFT p50", lambda f: fmt_s(f["ttft_p50_s"])), ("TTFT p95", lambda f: fmt_s(f["ttft_p95_s"])),
+                 ("TPOT p50", lambda f: fmt_s(f["tpot_p50_s"]))]
     if _has(figs, "server_running_mean"):
         cols += [("running", lambda f: _num(f["server_running_mean"], 1)),
                  ("waiting", lambda f: _num(f["server_waiting_mean"], 1))]
@@ -486,9 +480,9 @@ def level_line(rec: Mapping[str, Any], mode: Mode) -> str:
     name = "rate" if mode == "rate" else "concurrency"
     parts = [f"{name} {level_label(f['level'], mode)}: {f['ok']}/{f['requests']} ok",
              f"{_num(f['requests_per_s'], 2)} req/s", f"{_num(f['output_tokens_per_s'], 0)} tok/s",
-             f"latency mean {_secs(f['latency_mean_s'])} p95 {_secs(f['latency_p95_s'])}"]
+             f"latency mean {fmt_s(f['latency_mean_s'])} p95 {fmt_s(f['latency_p95_s'])}"]
     if f["ttft_p50_s"] is not None:
-        parts.append(f"TTFT p50 {_secs(f['ttft_p50_s'])}")
+        parts.append(f"TTFT p50 {fmt_s(f['ttft_p50_s'])}")
     if f["server_running_mean"] is not None:
         parts.append(f"server running {f['server_running_mean']:.1f} waiting {_num(f['server_waiting_mean'], 1)}")
     if f["arrivals_late"]:
@@ -560,6 +554,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _new_doc(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep.json document with no levels yet."""
+    return {"format": SWEEP_FORMAT, "tool": f"gptoss-batch {__version__}", "mode": settings["mode"],
+            "settings": dict(settings), "created_at": _now(), "runs": 0, "levels": [],
+            "recommendation": None, "complete": False}
+
+
 class SweepStore:
     """The report directory: ``sweep.json`` is the record of completed levels (rewritten atomically after
     each), ``levels.jsonl`` takes every result line (with ``level`` and ``run`` fields), and the CSV,
@@ -589,9 +590,7 @@ class SweepStore:
         return doc
 
     def _load(self, settings: Mapping[str, Any], *, overwrite: bool, console: Console) -> dict[str, Any]:
-        fresh = {"format": SWEEP_FORMAT, "tool": f"gptoss-batch {__version__}", "mode": settings["mode"],
-                 "settings": dict(settings), "created_at": _now(), "runs": 0, "levels": [],
-                 "recommendation": None, "complete": False}
+        fresh = _new_doc(settings)
         if overwrite:
             for p in (self.json_path, self.jsonl_path):
                 aside = move_aside(p)
@@ -670,24 +669,18 @@ class SweepSpec:
 class SweepResult:
     exit_code: int
     doc: dict[str, Any]
-    interrupted: bool = False
-    measured: list[float] = field(default_factory=list)
-    reused: list[float] = field(default_factory=list)
 
 
 class _LevelSink:
-    """Satisfies ``runner.Sink``: tags each result with its level and keeps it in memory and in the JSONL."""
+    """Satisfies ``runner.Sink``: tags each result with its level for the report directory's JSONL."""
 
     def __init__(self, store: SweepStore | None, level: float, mode: Mode) -> None:
         self.store = store
         self.tags = {"level": level, "mode": mode}
-        self.results: list[Result] = []
 
     def write(self, result: Result) -> None:
-        tagged = replace(result, extra={**result.extra, **self.tags})
         if self.store is not None:
-            self.store.write_line(tagged)
-        self.results.append(tagged)
+            self.store.write_line(replace(result, extra={**result.extra, **self.tags}))
 
 
 class _Discard:
@@ -701,9 +694,9 @@ class _Discard:
 class _Control:
     """What the signal watcher acts on: the runner of the moment."""
 
+    console: Console
     runner: Runner | None = None
     signals: list[int] = field(default_factory=list)
-    console: Console | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -720,21 +713,14 @@ async def _watch_signals(control: _Control) -> None:
             control.signals.append(signum)
             name = signal.Signals(signum).name
             runner = control.runner
-            if control.console is not None:
-                control.console.print(
-                    f"{name}: stopping the sweep; this level is left unfinished (rerun the same command to "
-                    "resume at it). " + ("Press Ctrl-C again to stop at once." if len(control.signals) == 1
-                                         else ""), highlight=False)
+            control.console.print(
+                f"{name}: stopping the sweep; this level is left unfinished (rerun the same command to "
+                "resume at it). " + ("Press Ctrl-C again to stop at once." if len(control.signals) == 1
+                                     else ""), highlight=False)
             if runner is not None:
                 runner.stop(f"interrupted by {name}", interrupted=True)
                 if len(control.signals) > 1:
                     runner.abort()
-
-
-async def _ticker(display: Display) -> None:
-    while True:
-        await anyio.sleep(PROGRESS_REFRESH_S)
-        display.tick()
 
 
 async def _stop_after(runner: Runner, seconds: float) -> None:
@@ -790,14 +776,13 @@ async def _measure_level(ctx: _Context, level: float) -> dict[str, Any] | None:
             runner.pace = pacer
         poller = (MetricsPoller(ctx.metrics, ctx.metrics_url)
                   if ctx.metrics is not None and ctx.metrics_url and ctx.metrics_error is None else None)
-        display = make_display(cfg.progress, ctx.console, runner.state)
-        if isinstance(display, RichDisplay):
-            display.progress.update(display.task, description=f"{plan.mode} {level_label(level, plan.mode)}")
+        display = make_display(cfg.progress, ctx.console, runner.state,
+                               description=f"{plan.mode} {level_label(level, plan.mode)}")
         ctx.control.runner = runner
         display.start()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_ticker, display)
+                tg.start_soon(tick_forever, display)
                 if poller is not None:
                     tg.start_soon(poller.run)
                 if plan.duration_s is not None:
@@ -857,10 +842,8 @@ async def run_sweep(cfg: RunConfig, plan: SweepPlan, spec: SweepSpec, console: C
         raise InputError(source.name, None, "no valid rows to sweep with")
     settings = sweep_settings(cfg, plan, source.fingerprint())
     store = SweepStore(spec.report_dir) if spec.report_dir else None
-    doc: dict[str, Any] = (store.open(settings, overwrite=spec.overwrite, console=console) if store is not None
-                           else {"format": SWEEP_FORMAT, "tool": f"gptoss-batch {__version__}", "mode": plan.mode,
-                                 "settings": settings, "created_at": _now(), "runs": 0, "levels": [],
-                                 "recommendation": None, "complete": False})
+    doc = (store.open(settings, overwrite=spec.overwrite, console=console) if store is not None
+           else _new_doc(settings))
     try:
         return await _sweep(cfg, plan, console, store, doc, rows, transport_factory, metrics)
     finally:
@@ -896,7 +879,6 @@ async def _sweep(cfg: RunConfig, plan: SweepPlan, console: Console, store: Sweep
             tg.start_soon(_watch_signals, control)
             for level in _levels_to_visit(plan, done):
                 if float(level) in done:
-                    result.reused.append(level)
                     continue
                 if control.interrupted:
                     break
@@ -904,7 +886,6 @@ async def _sweep(cfg: RunConfig, plan: SweepPlan, console: Console, store: Sweep
                 if rec is None:
                     break
                 done[float(level)] = rec
-                result.measured.append(level)
                 doc["levels"] = [done[k] for k in sorted(done)]
                 doc["recommendation"] = find_knee(doc["levels"], cfg.slos, plan.mode)
                 doc["updated_at"] = _now()
@@ -926,7 +907,6 @@ async def _sweep(cfg: RunConfig, plan: SweepPlan, console: Console, store: Sweep
     doc["levels"] = [done[k] for k in sorted(done)]
     doc["recommendation"] = find_knee(doc["levels"], cfg.slos, plan.mode)
     doc["updated_at"] = _now()
-    result.interrupted = control.interrupted
     written = [SWEEP_JSON, SWEEP_CSV, SWEEP_MD, LEVELS_JSONL]
     png_note = None
     if store is not None:
