@@ -50,10 +50,6 @@ class ChatOutcome:
     timing: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool:
-        return self.completion is not None
-
-    @property
     def output_tokens(self) -> int | None:
         c = self.completion
         if c is not None and c.usage is not None:

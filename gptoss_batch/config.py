@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from gptoss_batch.errors import ConfigError
 
@@ -208,7 +208,7 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "api_key": ("", "api_key", _str),
     "header": ("", "headers", _headers),
     "headers": ("", "headers", _headers),
-    "route": ("", "route", _choice("auto", "chat", "completions")),
+    "route": ("", "route", _choice(*get_args(RouteChoice))),
     "max_tokens": ("", "max_tokens", _pos_int),
     "temperature": ("", "temperature", _nonneg_float),
     "top_p": ("", "top_p", _fraction),
@@ -231,8 +231,8 @@ _KEYS: dict[str, tuple[str, str, Any]] = {
     "tpm": ("", "tpm", _pos_float),
     "max_error_rate": ("", "max_error_rate", _fraction),
     "min_error_sample": ("", "min_error_sample", _pos_int),
-    "progress": ("", "progress", _choice("auto", "rich", "plain", "none")),
-    "fsync": ("", "fsync", _choice("always", "interval", "never")),
+    "progress": ("", "progress", _choice(*get_args(ProgressMode))),
+    "fsync": ("", "fsync", _choice(*get_args(FsyncMode))),
     "overwrite": ("", "overwrite", _bool),
     "retry_failed": ("", "retry_failed", _bool),
     "force_resume": ("", "force_resume", _bool),

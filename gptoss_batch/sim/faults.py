@@ -25,16 +25,21 @@ class FaultPlan:
     slow_first_byte: bool = False
 
 
+# Each fault's rate: the SimConfig field holding it.
+_RATE_FIELD: dict[Fault, str] = {
+    "reset": "reset_rate",
+    "stall": "stall_rate",
+    "http_500": "fail_500_rate",
+    "http_503": "fail_503_rate",
+    "http_429": "fail_429_rate",
+    "malformed": "malformed_rate",
+    "stream_cut": "stream_cut_rate",
+}
+
+
 def _rate(config: SimConfig, fault: Fault) -> float:
-    return {
-        "reset": config.reset_rate,
-        "stall": config.stall_rate,
-        "http_500": config.fail_500_rate,
-        "http_503": config.fail_503_rate,
-        "http_429": config.fail_429_rate,
-        "malformed": config.malformed_rate,
-        "stream_cut": config.stream_cut_rate,
-    }[fault]
+    rate: float = getattr(config, _RATE_FIELD[fault])
+    return rate
 
 
 def plan_faults(config: SimConfig, rng: random.Random) -> FaultPlan:
