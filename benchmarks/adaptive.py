@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import anyio
 import orjson
 
+from benchmarks.measure import stderr_line
 from gptoss_batch.adaptive import AdaptiveDriver
 from gptoss_batch.config import build_config
 from gptoss_batch.records import Result, Row
@@ -299,8 +299,8 @@ def format_markdown(report: Report) -> str:
     p = report.plan
     out.append("")
     out.append(f"Fixed levels: {p.fixed_warmup_s:g} s warm-up + {p.fixed_s:g} s measured; auto: {p.auto_s:g} s "
-               f"({p.auto_s * 4 / 3:.0f} s for knee 128), settled = second half; crash runs: {p.crash_s:g} s each "
-               f"({2 * p.crash_s:g} s for knee 128). "
+               f"({auto_duration(p, 128):.0f} s for knee 128), settled = second half; crash runs: {p.crash_s:g} s each "
+               f"({crash_duration(p, 128):g} s for knee 128). "
                f"Wall time {report.wall_s:.0f} s.")
     return "\n".join(out)
 
@@ -311,11 +311,8 @@ def to_json(report: Report) -> bytes:
 
 def markdown(quick: bool) -> str:
     """Entry for ``python -m benchmarks``: run and return the tables."""
-    return format_markdown(run(QUICK if quick else FULL, progress=_stderr))
+    return format_markdown(run(QUICK if quick else FULL, progress=stderr_line))
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep each auto run's --log-controller JSONL here")
     args = parser.parse_args(argv)
-    report = run(QUICK if args.quick else FULL, progress=_stderr, log_dir=args.logs)
+    report = run(QUICK if args.quick else FULL, progress=stderr_line, log_dir=args.logs)
     print(format_markdown(report))
     if args.json is not None:
         args.json.write_bytes(to_json(report))

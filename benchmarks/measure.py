@@ -11,7 +11,6 @@ import contextlib
 import importlib.metadata
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -112,7 +111,9 @@ def version(dist: str) -> str:
 
 
 def nginx_version() -> str | None:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    from benchmarks.instant_server import find_nginx  # the lookup that picks the server, so they agree
+
+    nginx = find_nginx()
     if nginx is None:
         return None
     proc = subprocess.run([nginx, "-v"], capture_output=True, timeout=10, check=False)
@@ -135,6 +136,14 @@ def machine() -> dict[str, str]:
         "typer": version("typer"),
         "gptoss-batch": version("gptoss-batch"),
     }
+
+
+def loop_name() -> str:
+    """The event loop the benchmarks run on: uvloop where installed."""
+    try:
+        return f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "asyncio"
 
 
 def loadavg() -> str:

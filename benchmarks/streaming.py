@@ -47,6 +47,7 @@ import anyio
 import orjson
 
 from benchmarks.instant_server import HOST, chat_stream_body, instant_server, pin_client
+from benchmarks.measure import loadavg, loop_name, spread, stderr_line
 from gptoss_batch.config import RunConfig
 from gptoss_batch.records import Result, Row
 from gptoss_batch.runner import Runner
@@ -334,12 +335,6 @@ async def _run_cell(server: ServerName, client: ClientName, base_url: str, concu
 # -- the run --------------------------------------------------------------------------------------------
 
 
-def _loop_name() -> str:
-    try:
-        return f"uvloop {importlib.metadata.version('uvloop')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "asyncio"
-
 
 def _measure(report: Report, server: ServerName, base_url: str, plan: Plan,
              progress: Callable[[str], None] | None) -> None:
@@ -354,15 +349,15 @@ def _measure(report: Report, server: ServerName, base_url: str, plan: Plan,
                                  f"{s.requests:>5} streams {s.chunks:>7} chunks {s.cpu_us_per_chunk:>6.1f} µs/chunk "
                                  f"{s.chunks_per_s:>8,.0f} chunks/s")
 
-    options: dict[str, object] = {"use_uvloop": True} if _loop_name() != "asyncio" else {}
+    options: dict[str, object] = {"use_uvloop": True} if loop_name() != "asyncio" else {}
     anyio.run(measure_all, backend="asyncio", backend_options=options)
 
 
 def run(plan: Plan, servers: Sequence[ServerName] = SERVERS,
         progress: Callable[[str], None] | None = None) -> Report:
-    env = {"python": platform.python_version(), "loop": _loop_name(),
+    env = {"python": platform.python_version(), "loop": loop_name(),
            "aiohttp": importlib.metadata.version("aiohttp"), "orjson": importlib.metadata.version("orjson"),
-           "cpus": str(os.cpu_count()), "loadavg_1m_at_start": f"{os.getloadavg()[0]:.1f}",
+           "cpus": str(os.cpu_count()), "loadavg_1m_at_start": loadavg(),
            "chunks_per_stream": str(CHUNKS), "paced_interval_ms": f"{PACED_INTERVAL_MS:g}"}
     report = Report(env, plan)
     allowed = os.sched_getaffinity(0)  # pinning for one server must not leak into the next
@@ -378,18 +373,12 @@ def run(plan: Plan, servers: Sequence[ServerName] = SERVERS,
             env["client_cpu"] = str(pin_client(cpu))
             _measure(report, "paced", base_url, plan, progress)
     os.sched_setaffinity(0, allowed)
-    env["loadavg_1m_at_end"] = f"{os.getloadavg()[0]:.1f}"
+    env["loadavg_1m_at_end"] = loadavg()
     return report
 
 
 # -- rendering ------------------------------------------------------------------------------------------
 
-
-def _spread(values: Sequence[float], digits: int = 1) -> str:
-    mid = statistics.median(values)
-    if len(values) == 1:
-        return f"{mid:.{digits}f}"
-    return f"{mid:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def format_markdown(report: Report) -> str:
@@ -416,10 +405,10 @@ def format_markdown(report: Report) -> str:
             base = by["bare"]
             if not base:
                 continue
-            cells = [_spread([s.cpu_us_per_chunk for s in base])]
+            cells = [spread([s.cpu_us_per_chunk for s in base], 1)]
             for client in CLIENTS[1:]:
                 ratios = [s.cpu_us_per_chunk / b.cpu_us_per_chunk for s, b in zip(by[client], base, strict=True)]
-                cells.append(f"{_spread([s.cpu_us_per_chunk for s in by[client]])} "
+                cells.append(f"{spread([s.cpu_us_per_chunk for s in by[client]], 1)} "
                              f"(×{statistics.median(ratios):.2f})")
             # Events per read: content chunks plus the role, finish+usage+[DONE] writes, over reads.
             per_read = statistics.median((s.chunks + 2 * s.requests) / max(s.reads or 1, 1) for s in base)
@@ -437,11 +426,8 @@ def to_json(report: Report) -> bytes:
 
 def markdown(quick: bool) -> str:
     """Entry for ``python -m benchmarks``."""
-    return format_markdown(run(QUICK if quick else FULL, progress=_stderr))
+    return format_markdown(run(QUICK if quick else FULL, progress=stderr_line))
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -459,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run_paced_child(args.chunks, args.interval_ms / 1000, args.cpu)
         return 0
     servers: Sequence[ServerName] = SERVERS if args.server == "both" else (args.server,)
-    report = run(QUICK if args.quick else FULL, servers, progress=_stderr)
+    report = run(QUICK if args.quick else FULL, servers, progress=stderr_line)
     print(format_markdown(report))
     if args.json is not None:
         args.json.write_bytes(to_json(report))

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -37,6 +35,7 @@ import httpx
 import orjson
 
 from benchmarks.instant_server import ServerChoice, ServerInfo, instant_server
+from benchmarks.measure import loadavg, loop_name, spread, stderr_line, version
 
 ClientName = Literal["aiohttp", "httpx", "httpx-over-aiohttp"]
 CLIENTS: tuple[ClientName, ...] = ("aiohttp", "httpx", "httpx-over-aiohttp")
@@ -239,23 +238,11 @@ async def _measure(client: ClientName, url: str, concurrency: int, repeat: int, 
     return Sample(client, concurrency, repeat, drive.done, cpu_s, wall_s, first_round)
 
 
-def _loop_name() -> str:
-    try:
-        return f"uvloop {importlib.metadata.version('uvloop')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "asyncio"
-
 
 def _environment(server: ServerInfo, client_cpu: int | None) -> dict[str, str]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "absent"
-
     return {
         "python": platform.python_version(),
-        "loop": _loop_name(),
+        "loop": loop_name(),
         "aiohttp": version("aiohttp"),
         "httpx": version("httpx"),
         "httpcore": version("httpcore"),
@@ -263,7 +250,7 @@ def _environment(server: ServerInfo, client_cpu: int | None) -> dict[str, str]:
         "server_cpu": str(server.cpu),
         "client_cpu": str(client_cpu),
         "cpus": str(os.cpu_count()),
-        "loadavg_1m_at_start": f"{os.getloadavg()[0]:.1f}",
+        "loadavg_1m_at_start": loadavg(),
     }
 
 
@@ -290,21 +277,15 @@ def run(
                             )
 
         backend_options: dict[str, object] = {}
-        if _loop_name() != "asyncio":
+        if loop_name() != "asyncio":
             backend_options["use_uvloop"] = True
         anyio.run(measure_all, backend="asyncio", backend_options=backend_options)
-        report.environment["loadavg_1m_at_end"] = f"{os.getloadavg()[0]:.1f}"
+        report.environment["loadavg_1m_at_end"] = loadavg()
     return report
 
 
 # -- rendering ------------------------------------------------------------------------------------------
 
-
-def _spread(values: Sequence[float]) -> str:
-    mid = statistics.median(values)
-    if len(values) == 1:
-        return f"{mid:,.0f}"
-    return f"{mid:,.0f} ({min(values):,.0f}–{max(values):,.0f})"
 
 
 def format_markdown(report: Report) -> str:
@@ -334,13 +315,13 @@ def format_markdown(report: Report) -> str:
             for c in CLIENTS
         }
         base = by_client["aiohttp"]
-        cells = [_spread([s.cpu_us_per_request for s in base])]
+        cells = [spread([s.cpu_us_per_request for s in base])]
         for client in CLIENTS[1:]:
             ratios = [
                 s.cpu_us_per_request / b.cpu_us_per_request
                 for s, b in zip(by_client[client], base, strict=True)
             ]
-            cpu_us = _spread([s.cpu_us_per_request for s in by_client[client]])
+            cpu_us = spread([s.cpu_us_per_request for s in by_client[client]])
             cells.append(f"{cpu_us} (×{statistics.median(ratios):.1f})")
         cells.append(_steady_cell(by_client["httpx"], base))
         rates = " / ".join(
@@ -359,7 +340,7 @@ def _steady_cell(samples: Sequence[Sample], base: Sequence[Sample]) -> str:
     if not usable:
         return "–"
     ratio = statistics.median(s / b for s, b in usable)
-    return f"{_spread([s for s, _ in usable])} (×{ratio:.1f})"
+    return f"{spread([s for s, _ in usable])} (×{ratio:.1f})"
 
 
 def to_json(report: Report) -> bytes:
@@ -380,11 +361,8 @@ def to_json(report: Report) -> bytes:
 
 def markdown(quick: bool) -> str:
     """Entry for ``python -m benchmarks``: run and return the table."""
-    return format_markdown(run(QUICK if quick else FULL, progress=_stderr))
+    return format_markdown(run(QUICK if quick else FULL, progress=stderr_line))
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instant server to use (auto: nginx if installed)",
     )
     args = parser.parse_args(argv)
-    report = run(QUICK if args.quick else FULL, progress=_stderr, server_kind=args.server)
+    report = run(QUICK if args.quick else FULL, progress=stderr_line, server_kind=args.server)
     print(format_markdown(report))
     if args.json is not None:
         args.json.write_bytes(to_json(report))
