@@ -75,17 +75,20 @@ def test_overwrite_moves_the_old_results_aside(sim: SimHandle, tmp_path: Path) -
     assert len(read_jsonl(out)) == 5
 
 
-def test_per_row_overrides_and_routes_reach_the_server(sim: SimHandle, tmp_path: Path) -> None:
+def test_per_row_overrides_and_routes_reach_the_server(tmp_path: Path) -> None:
     rows = [
         {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
         {"id": "completion", "prompt": "Once upon", "route": "completions", "max_tokens": 5},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    out = tmp_path / "out.jsonl"
-    assert gptoss(*run_args(sim, inp, out)).returncode == 0
+    out, log = tmp_path / "out.jsonl", tmp_path / "requests.log"
+    # Answers of at least 10 tokens unless max_tokens stops them: a row's own max_tokens shows exactly.
+    with start_sim(*FAST, "--min-tokens", "10", "--request-log", str(log)) as server:
+        assert gptoss(*run_args(server, inp, out)).returncode == 0
     by_id = {r["id"]: r for r in read_jsonl(out)}
-    assert by_id["chat"]["usage"]["completion_tokens"] <= 3
-    assert by_id["completion"]["usage"]["completion_tokens"] <= 5
+    assert by_id["chat"]["usage"]["completion_tokens"] == 3
+    assert by_id["completion"]["usage"]["completion_tokens"] == 5
+    assert sorted(e["path"] for e in read_jsonl(log)) == ["/v1/chat/completions", "/v1/completions"]
 
 
 def test_openai_batch_file_rows_pick_their_route(sim: SimHandle, tmp_path: Path) -> None:

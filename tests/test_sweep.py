@@ -649,6 +649,7 @@ def test_duration_mode_measures_each_level_for_the_given_time(knee_sim: SimHandl
                   timeout=SWEEP_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr.decode()
     doc = orjson.loads((tmp_path / "sweep.json").read_bytes())
+    assert [rec["level"] for rec in doc["levels"]] == [2, 8]
     for rec in doc["levels"]:
         fig = figures(rec)
         assert rec["planned_requests"] is None and rec["stop_reason"] == "--duration 0.6s reached"
