@@ -26,6 +26,12 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     return path
 
 
+def summary_of(out: Path) -> dict[str, Any]:
+    """The summary JSON a run wrote beside its output."""
+    data: dict[str, Any] = orjson.loads(Path(f"{out}.summary.json").read_bytes())
+    return data
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]

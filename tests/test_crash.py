@@ -13,14 +13,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
 from gptoss_batch.sim.testing import start_sim
 from gptoss_batch.verify import verify
-from tests.cli_helpers import gptoss, read_jsonl, write_jsonl
+from tests.cli_helpers import gptoss, read_jsonl, summary_of, write_jsonl
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
 
@@ -48,11 +47,6 @@ def wait_for(what: str, condition: Callable[[], bool], timeout_s: float = WAIT_S
 
 def lines_in(out: Path) -> int:
     return out.read_bytes().count(b"\n") if out.exists() else 0
-
-
-def summary_of(out: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(Path(f"{out}.summary.json").read_bytes())
-    return data
 
 
 def test_sigkill_at_random_moments_then_the_same_command_until_done(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import orjson
 from gptoss_batch.config import RetryPolicy
 from gptoss_batch.limits import BREAKER_OPEN_AFTER_FAILURES
 from gptoss_batch.sim.testing import LISTENING_PREFIX, SimHandle, start_sim
-from tests.cli_helpers import gptoss, read_jsonl, write_jsonl
+from tests.cli_helpers import gptoss, read_jsonl, summary_of, write_jsonl
 from tests.test_limits import probe_bound
 
 # Requests that take a few ms, without the engine model's queueing (faults are what these tests are about).
@@ -44,17 +44,8 @@ def prompts(path: Path, n: int) -> Path:
     return write_jsonl(path, ({"id": f"r{i}", "prompt": f"question {i}"} for i in range(n)))
 
 
-def summary_of(out: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(Path(f"{out}.summary.json").read_bytes())
-    return data
-
-
 def latest_by_id(out: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in read_jsonl(out)}
-
-
-def request_log(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
 def cooldown_violations(log: list[dict[str, Any]], concurrency: int) -> list[str]:
@@ -162,7 +153,7 @@ def test_fault_matrix_every_row_ends_ok_once_within_the_deadline_and_pauses_are_
     assert 0.3 < failed_share < 0.45
     assert sum(r["attempts"] for r in lines) == stats["requests_total"]
     hinted = [a for r in lines for a in r.get("attempt_log", []) if a.get("status") == 429 and a["wait_s"] == 0.2]
-    assert len(hinted) == sum(1 for e in request_log(log_path) if e.get("retry_after_s"))
+    assert len(hinted) == sum(1 for e in read_jsonl(log_path) if e.get("retry_after_s"))
     assert all(a["wait_s"] >= 0 and a["message"] for r in lines for a in r.get("attempt_log", []))
 
     summary = summary_of(out)
@@ -174,7 +165,7 @@ def test_fault_matrix_every_row_ends_ok_once_within_the_deadline_and_pauses_are_
     assert recomputed.returncode == 0, recomputed.stderr.decode()
     assert orjson.loads(recomputed.stdout)["retries_by_cause"] == summary["retries_by_cause"]
 
-    assert cooldown_violations(request_log(log_path), concurrency=32) == []
+    assert cooldown_violations(read_jsonl(log_path), concurrency=32) == []
 
 
 def test_a_429_with_retry_after_pauses_every_worker(tmp_path: Path) -> None:
@@ -184,7 +175,7 @@ def test_a_429_with_retry_after_pauses_every_worker(tmp_path: Path) -> None:
                    "--request-log", str(log_path)) as sim:
         proc = gptoss(*run_args(sim.base_url, inp, out, "--concurrency", "8"))
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    log = request_log(log_path)
+    log = read_jsonl(log_path)
     pauses = [e for e in log if e["status"] == 429]
     assert pauses and all(e["retry_after_s"] == 0.5 for e in pauses)
     assert cooldown_violations(log, concurrency=8) == []

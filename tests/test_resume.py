@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gptoss_batch.sim.testing import SimHandle, start_sim
-from tests.cli_helpers import CLI_TIMEOUT_S, gptoss, read_jsonl, write_jsonl
+from tests.cli_helpers import CLI_TIMEOUT_S, gptoss, read_jsonl, summary_of, write_jsonl
 
 # Fixed timing: every request takes ~10 ms, independent of load.
 FAST = ("--ttft-s", "0.005", "--itl-s", "0.0005")
@@ -35,11 +35,6 @@ def run_args(base_url: str, inp: Path, out: Path | str, *extra: str) -> list[str
 def requests_total(sim: SimHandle) -> int:
     n: int = sim.stats()["requests_total"]
     return n
-
-
-def summary_of(out: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(Path(f"{out}.summary.json").read_bytes())
-    return data
 
 
 def prompts(n: int, *, ids: bool = True) -> Iterator[dict[str, Any]]:

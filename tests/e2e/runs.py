@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from scripts.real_servers import ServerHandle
-from tests.cli_helpers import gptoss, read_jsonl, write_jsonl
+from tests.cli_helpers import gptoss, read_jsonl, summary_of, write_jsonl
 
 # Generous: a real model on a 2-core machine that other test runs share.
 CLI_TIMEOUT_S = 420.0
@@ -86,18 +84,13 @@ def assert_a_killed_run_resumes(server: ServerHandle, tmp_path: Path, rows: int,
 
     resumed = run(server, inp, out, *args)
     assert resumed.returncode == 0, resumed.stderr.decode()
-    assert summary(out)["skipped"] == len({r["id"] for r in results(out)[:done_before] if r["status"] == "ok"})
+    assert summary_of(out)["skipped"] == len({r["id"] for r in results(out)[:done_before] if r["status"] == "ok"})
     check = gptoss("verify", str(inp), str(out))
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 def results(out: Path) -> list[dict[str, Any]]:
     return read_jsonl(out)
-
-
-def summary(out: Path) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(Path(f"{out}.summary.json").read_bytes())
-    return data
 
 
 def assert_ok_line(line: dict[str, Any], *, max_tokens: int, model: str | None, stream: bool) -> None:
@@ -129,7 +122,7 @@ def assert_clean_run(proc: subprocess.CompletedProcess[bytes], out: Path, ids: l
     assert sorted(r["id"] for r in lines) == sorted(ids)
     for line in lines:
         assert_ok_line(line, **ok_line)
-    s = summary(out)
+    s = summary_of(out)
     assert s["rows"]["ok"] == len(ids) and s["rows"]["failed"] == 0
     assert s["output_tokens_per_s"] > 0
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from scripts.real_servers import LLAMA_PARALLEL, ROOT, ServerHandle
-from tests.cli_helpers import gptoss
+from tests.cli_helpers import gptoss, summary_of
 from tests.e2e.runs import (
     CLI_TIMEOUT_S,
     assert_a_killed_run_resumes,
@@ -23,7 +23,6 @@ from tests.e2e.runs import (
     prompts,
     results,
     run,
-    summary,
     write_prompts,
 )
 
@@ -73,7 +72,7 @@ def test_a_prompt_longer_than_the_slot_context_is_one_clear_error_line_not_retri
     assert err["kind"] == "http" and err["status"] == 400 and err["attempts"] == 1
     assert "exceeds the available context size" in err["message"]
     assert [r["status"] for r in results(out) if r["id"] == "short"] == ["ok"]
-    assert summary(out)["rows"]["failed"] == 1
+    assert summary_of(out)["rows"]["failed"] == 1
 
 
 def test_an_unknown_parameter_is_ignored_and_a_mistyped_one_is_a_clear_error_line(
@@ -139,7 +138,7 @@ def test_concurrency_auto_settles_within_one_doubling_of_the_four_slots(llama: S
     proc = run(llama, inp, out, "--route", "completions", "--max-tokens", "16", "--param", "ignore_eos=true",
                "--concurrency", "auto", "--max-concurrency", "64", timeout=900)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    s = summary(out)
+    s = summary_of(out)
     assert s["rows"]["ok"] == len(rows)
     adaptive = s["adaptive"]
     assert LLAMA_PARALLEL / 2 <= adaptive["final_limit"] <= LLAMA_PARALLEL * 2, adaptive

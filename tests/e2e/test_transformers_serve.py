@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.real_servers import ROOT, TINY_MAX_POSITIONS, ServerHandle
-from tests.cli_helpers import gptoss
+from tests.cli_helpers import gptoss, summary_of
 from tests.e2e.runs import (
     CLI_TIMEOUT_S,
     assert_a_killed_run_resumes,
@@ -22,7 +22,6 @@ from tests.e2e.runs import (
     prompts,
     results,
     run,
-    summary,
     write_prompts,
 )
 
@@ -97,6 +96,6 @@ def test_concurrency_auto_runs_without_metrics_on_latency_alone(hf: ServerHandle
     proc = run(hf, inp, out, "--route", "completions", "--max-tokens", "8", "--concurrency", "auto",
                "--max-concurrency", "32")
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    s = summary(out)
+    s = summary_of(out)
     assert s["rows"]["ok"] == len(rows)
     assert s["adaptive"]["server_metrics"] == f"not used: {hf.root_url}/metrics: HTTP 404"
