@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,3 +37,22 @@ def summary_of(out: Path) -> dict[str, Any]:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout_s: float) -> list[bytes]:
+    """Read ``proc``'s stderr line by line until one starts with ``prefix`` (bounded by ``timeout_s``); the
+    lines read, that one included."""
+    assert proc.stderr is not None
+    seen: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stderr], [], [], max(left, 0))
+        if not ready:
+            raise AssertionError(f"no line starting {prefix!r} within {timeout_s} s: {b''.join(seen)!r}")
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"the process ended before {prefix!r}: {b''.join(seen)!r}")
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen

@@ -48,7 +48,7 @@ from gptoss_batch.sweep import (
     sweep_settings,
     to_markdown,
 )
-from tests.cli_helpers import gptoss, read_jsonl, write_jsonl
+from tests.cli_helpers import gptoss, read_jsonl, wait_for_line, write_jsonl
 from tests.fakes import FakeClock, MemorySink, rows
 
 # 8 slots, 5 ms per token whatever the batch size, 40 tokens per request: 0.2 s a request, so throughput is
@@ -659,33 +659,13 @@ def test_duration_mode_measures_each_level_for_the_given_time(knee_sim: SimHandl
     assert len(read_jsonl(tmp_path / "levels.jsonl")) == sum(figures(r)["requests"] for r in doc["levels"])
 
 
-def _wait_for_line(proc: subprocess.Popen[bytes], prefix: bytes, timeout_s: float) -> list[bytes]:
-    """Read the sweep's stderr line by line until one starts with ``prefix`` (bounded by ``timeout_s``)."""
-    import select
-
-    assert proc.stderr is not None
-    seen: list[bytes] = []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stderr], [], [], max(left, 0))
-        if not ready:
-            raise AssertionError(f"no line starting {prefix!r} within {timeout_s} s: {b''.join(seen)!r}")
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"sweep ended before {prefix!r}: {b''.join(seen)!r}")
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-
-
 def test_an_interrupted_sweep_resumes_at_the_next_level(knee_sim: SimHandle, prompts: Path, tmp_path: Path) -> None:
     args = sweep_args(knee_sim, prompts, tmp_path, "--levels", "2,4,8", "--requests-per-level", "16",
                       "--warmup", "1")
     proc = subprocess.Popen([sys.executable, "-m", "gptoss_batch", *args], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL)
     try:
-        _wait_for_line(proc, b"concurrency 2:", SWEEP_TIMEOUT_S)
+        wait_for_line(proc, b"concurrency 2:", SWEEP_TIMEOUT_S)
         proc.send_signal(signal.SIGINT)  # during level 4, which needs at least 0.8 s
         assert proc.wait(timeout=SWEEP_TIMEOUT_S) == 130
     finally:
