@@ -187,8 +187,7 @@ async def _execute(cfg: RunConfig, spec: JobSpec, console: Console, source: Inpu
         runner.state.total = total
         if total is not None:
             # With a known total, rows already done are known up front too (they are skipped on reading).
-            done = sum(1 for row_id in scan.latest if scan.is_done(row_id, cfg.retry_failed))
-            runner.state.skipped = min(total, done)
+            runner.state.skipped = min(total, scan.done_count(cfg.retry_failed))
         # --concurrency auto: the controller's driver takes over the runner's limit from its first request.
         driver = AdaptiveDriver(cfg, runner, transport if isinstance(transport, Pool) else None) \
             if cfg.auto_concurrency else None

@@ -54,6 +54,7 @@ def test_scan_keeps_the_latest_line_of_each_id(tmp_path: Path) -> None:
     assert res.lines == 6 and res.bad_lines == 0 and res.partial_path is None
     assert res.is_done("a", retry_failed=True) and not res.is_done("c", retry_failed=True)
     assert res.is_done("c", retry_failed=False) and not res.is_done("zzz", retry_failed=False)
+    assert res.done_count(retry_failed=True) == 2 and res.done_count(retry_failed=False) == 4
 
 
 def test_scan_of_a_missing_output_is_empty(tmp_path: Path) -> None:
